@@ -1,0 +1,24 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins the CPU build of torch, so nothing pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/medseg demo --work-dir medseg_demo --overwrite
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(BIN)/.installed lint
+	$(BIN)/pytest -q

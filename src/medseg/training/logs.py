@@ -1,0 +1,83 @@
+"""Training logs: CSV, TensorBoard and a loss/Dice curve PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class TrainingLog:
+    """Keeps epoch rows; rewrites the CSV and the curve on every epoch (cheap, and resume-safe)."""
+
+    def __init__(
+        self, folder: str | os.PathLike, rows: list[dict] | None = None, *, tensorboard: bool = True
+    ) -> None:
+        self.folder = Path(folder)
+        self.rows: list[dict] = list(rows or [])
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+            except Exception:  # tensorboard missing or broken: CSV and PNG still work
+                self.writer = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+        self.write_csv()
+        self.plot()
+
+    def write_csv(self) -> None:
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        tmp = self.folder / ".tmp-log.csv"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.folder / "log.csv")
+
+    def plot(self) -> None:
+        if not self.rows:
+            return
+        epochs = [r["epoch"] for r in self.rows]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax1.plot(epochs, [r["train_loss"] for r in self.rows], label="train loss")
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("loss")
+        ax1.legend()
+        dice_keys = [k for k in self.rows[-1] if k.startswith("val_dice_") and k != "val_dice_mean"]
+        for key in dice_keys:
+            ax2.plot(
+                epochs,
+                [r.get(key, float("nan")) for r in self.rows],
+                label=key.removeprefix("val_"),
+            )
+        ax2.plot(epochs, [r["val_dice_mean"] for r in self.rows], "k", lw=2, label="mean Dice")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("validation Dice")
+        ax2.set_ylim(0, 1)
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        tmp = self.folder / ".tmp-curves.png"
+        fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.folder / "curves.png")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

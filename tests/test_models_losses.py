@@ -1,0 +1,105 @@
+"""Contract tests: every registered model and loss, in 2D and 3D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.losses import DeepSupervisionLoss, create_loss, registered_losses
+from medseg.models import create_model, registered_models
+from medseg.models.sliding_window import gaussian_weights, sliding_window_logits, tile_starts
+
+
+@pytest.mark.parametrize("name", registered_models())
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_model_forward_backward(name: str, ndim: int):
+    torch.manual_seed(0)
+    shape = (16, 24) if ndim == 2 else (16, 16, 8)
+    strides = [(1,) * ndim, (2,) * ndim, (2,) * ndim]
+    model = create_model(
+        name, ndim=ndim, in_channels=2, num_classes=3, features=(4, 8, 16), strides=strides
+    )
+    x = torch.randn(2, 2, *shape)
+    model.train()
+    outputs = model(x)
+    assert isinstance(outputs, list) and len(outputs) == 2
+    assert outputs[0].shape == (2, 3, *shape)
+    assert outputs[1].shape == (2, 3, *(s // 2 for s in shape))
+    sum(o.square().mean() for o in outputs).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 3, *shape)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        create_model("nope")
+
+
+def test_instance_norm_equivalence():
+    """GroupNorm with one channel per group is instance norm (what the U-Net uses)."""
+    x = torch.randn(2, 4, 6, 7, 5)
+    gn = torch.nn.GroupNorm(4, 4, affine=False)
+    assert torch.allclose(gn(x), F.instance_norm(x), atol=1e-5)
+
+
+def perfect_logits(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(target[:, 0], num_classes).movedim(-1, 1).float() * 50
+
+
+@pytest.mark.parametrize("name", registered_losses())
+def test_loss_is_near_zero_for_a_perfect_prediction_and_larger_otherwise(name: str):
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    target[:, :, 2:5, 2:6] = 1
+    target[:, :, 6:, :2] = 2
+    loss = create_loss(name)
+    good = loss(perfect_logits(target, 3), target)
+    bad = loss(perfect_logits(torch.zeros_like(target), 3), target)
+    assert good.item() < 1e-3
+    assert bad.item() > 0.3
+
+
+def test_dice_loss_value_by_construction():
+    # Hard one-hot prediction covering 4 of 8 reference voxels and 4 extra: Dice = 2*4/(8+8) = 0.5.
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    target[0, 0, :2, :] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 0, 1:3, :] = 1
+    loss = create_loss("dice")(perfect_logits(pred, 2), target)
+    assert loss.item() == pytest.approx(0.5, abs=1e-4)
+    jaccard = create_loss("jaccard")(perfect_logits(pred, 2), target)
+    assert jaccard.item() == pytest.approx(1 - 4 / 12, abs=1e-4)
+
+
+def test_deep_supervision_weights():
+    loss = DeepSupervisionLoss(create_loss("ce"), 4)
+    assert loss.weights == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])
+
+
+def test_tile_starts_cover_the_volume():
+    for size, patch in [(10, 10), (11, 10), (100, 32), (33, 32)]:
+        starts = tile_starts(size, patch, 0.5)
+        assert starts[0] == 0 and starts[-1] == max(size - patch, 0)
+        assert all(b - a <= patch * 0.5 + 1 for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_reproduces_a_translation_equivariant_model():
+    """A 1x1 conv is local, so tiled and blended logits equal the whole-image logits."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(1, 3, 1)
+    data = torch.randn(1, 30, 21, 17)
+    tiled = sliding_window_logits(
+        model, data, patch_size=(16, 16, 16), num_classes=3, mirror_axes=(0, 1, 2)
+    )
+    with torch.no_grad():
+        whole = model(data[None])[0]
+    assert tiled.shape == (3, 30, 21, 17)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_gaussian_weights_peak_in_the_centre():
+    w = gaussian_weights((9, 9))
+    assert w[4, 4] == w.max() == 1.0 and w.min() > 0
