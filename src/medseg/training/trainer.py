@@ -314,6 +314,8 @@ def train_fold(
         augmenter.generator.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
     log = TrainingLog(fold_dir, log_rows)
+    names = dict(plan.labels)
+    class_names = {c: names.get(c, str(c)) for c in range(1, plan.num_classes)}
 
     def make_batch():
         images, labels = sampler.sample()
@@ -400,12 +402,7 @@ def train_fold(
                     "learning_rate": optimizer.param_groups[0]["lr"],
                     "train_loss": float(np.mean(losses)),
                     "val_dice_mean": mean_dice,
-                    **{
-                        f"val_dice_{plan.labels[i + 1][1] if i + 1 < len(plan.labels) else i + 1}": float(
-                            v
-                        )
-                        for i, v in enumerate(per_class)
-                    },
+                    **{f"val_dice_{class_names[c]}": float(v) for c, v in enumerate(per_class, 1)},
                     "iterations_per_second": round(len(losses) / max(epoch_step_seconds, 1e-9), 3),
                 }
                 log.add(row)
