@@ -18,4 +18,13 @@ def progress(
     if not enabled:
         yield from items
         return
-    yield from tqdm(items, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
+    yield from tqdm(
+        items,
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+        disable=None,
+    )
