@@ -13,7 +13,6 @@ Work folder layout (``work_dir``)::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,18 +23,14 @@ from medseg.errors import MedsegError
 from medseg.evaluation import (
     EvaluationReport,
     evaluate_folders,
-    worst_cases,
-    write_evaluation,
-    write_html_report,
 )
 from medseg.inference import Prediction, predict_to_folder
-from medseg.inference.predictor import read_plan
 from medseg.io.check import CheckReport, check_dataset
 from medseg.io.dataset import DatasetSpec, load_dataset
-from medseg.io.files import read_image, strip_suffix
-from medseg.planning import Fingerprint, Plan, compute_fingerprint, make_plan
+from medseg.io.files import strip_suffix
+from medseg.planning import Fingerprint, Plan, compute_fingerprint, make_plan, read_plan
 from medseg.preprocessing import preprocess_dataset
-from medseg.serialization import from_jsonable, to_jsonable, write_json_atomic
+from medseg.serialization import to_jsonable, write_json_atomic
 from medseg.training import (
     TrainConfig,
     TrainResult,
@@ -134,16 +129,8 @@ def _plan(
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read a (possibly hand-edited) plan JSON."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "plan.json"
-    try:
-        return from_jsonable(Plan, json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise MedsegError(f"{path}: no plan (run `medseg plan` first)") from None
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise MedsegError(f"{path}: invalid plan ({exc})") from None
+    """Read a (possibly hand-edited) plan JSON, or the one in a work or model folder."""
+    return read_plan(path)
 
 
 def _plan_for(
@@ -324,63 +311,16 @@ def evaluate(
     overwrite: bool = False,
 ) -> EvaluationReport:
     """Dice and IoU per case and class; with ``output_dir``: metrics.csv, summary.json, report.html."""
-    if output_dir is not None:
-        existing = [
-            Path(output_dir) / n
-            for n in ("metrics.csv", "summary.json", "report.html")
-            if (Path(output_dir) / n).exists()
-        ]
-        if existing and not overwrite:
-            raise MedsegError(f"{existing[0]}: already exists (use --overwrite to replace it)")
-    report = evaluate_folders(pred_dir, ref_dir, labels=labels)
-    if output_dir is not None:
-        write_evaluation(report, output_dir, overwrite=True)
-        _html_report(
-            report, Path(output_dir), Path(pred_dir), Path(ref_dir), images_dir, curves_png, title
-        )
-    return report
-
-
-def _find_case_file(folder: Path, case_id: str) -> Path | None:
-    for f in sorted(folder.iterdir()):
-        name = strip_suffix(f) if f.is_file() else f.name
-        if name == case_id or (len(name) > 5 and name[:-5] == case_id and name[-4:] == "0000"):
-            return f
-    return None
-
-
-def _html_report(
-    report: EvaluationReport,
-    output_dir: Path,
-    pred_dir: Path,
-    ref_dir: Path,
-    images_dir,
-    curves_png,
-    title: str,
-) -> Path:
-    """Overlays for the worst cases need the images; load only those few."""
-    worst = worst_cases(report, 5)
-    images, preds, refs = {}, {}, {}
-    for cid in worst:
-        p, r = _find_case_file(pred_dir, cid), _find_case_file(ref_dir, cid)
-        if p is None or r is None:
-            continue
-        preds[cid], refs[cid] = read_image(p), read_image(r)
-        if images_dir is not None:
-            i = _find_case_file(Path(images_dir), cid)
-            if i is not None:
-                images[cid] = read_image(i)
-    path = output_dir / "report.html"
-    write_html_report(
-        report,
-        path,
-        images=images or None,
-        predictions=preds,
-        references=refs,
-        curves_png=str(curves_png) if curves_png else None,
+    return evaluate_folders(
+        pred_dir,
+        ref_dir,
+        labels=labels,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        images_dir=images_dir,
+        curves_png=curves_png,
         title=title,
     )
-    return path
 
 
 def link_cases(spec: DatasetSpec, case_ids: list[str], folder: Path) -> tuple[Path, Path]:

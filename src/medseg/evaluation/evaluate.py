@@ -408,6 +408,8 @@ def evaluate_folders(
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     images_dir: str | os.PathLike | None = None,
+    curves_png: str | os.PathLike | None = None,
+    title: str | None = None,
 ) -> EvaluationReport:
     """Score every reference in ``ref_dir`` against the prediction of the same case name.
 
@@ -429,6 +431,8 @@ def evaluate_folders(
     images_dir
         Images shown under the contours of the report's worst cases
         (``<case>.<ext>`` or ``<case>_0000.<ext>``).
+    curves_png, title
+        A training-curve image to embed in the report, and the report's title.
 
     Raises
     ------
@@ -476,7 +480,9 @@ def evaluate_folders(
     if output_dir is not None:
         output_dir = Path(output_dir)
         write_evaluation(report, output_dir, overwrite=overwrite)
-        _write_folder_report(report, output_dir, predictions, references, images_dir, keep_255)
+        _write_folder_report(
+            report, output_dir, predictions, references, images_dir, keep_255, curves_png, title
+        )
     return report
 
 
@@ -487,6 +493,8 @@ def _write_folder_report(
     references: Mapping[str, Path],
     images_dir: str | os.PathLike | None,
     keep_255: bool,
+    curves_png: str | os.PathLike | None = None,
+    title: str | None = None,
 ) -> None:
     from medseg.evaluation.report import worst_cases, write_html_report
 
@@ -508,7 +516,8 @@ def _write_folder_report(
         images=shown_images,
         predictions=shown_predictions,
         references=shown_references,
-        title=f"medseg evaluation: {Path(report.summary.get('prediction_dir', '')).name}",
+        curves_png=str(curves_png) if curves_png else None,
+        title=title or f"medseg evaluation: {Path(report.summary.get('prediction_dir', '')).name}",
     )
 
 

@@ -17,7 +17,7 @@ from medseg.inference.postprocess import fill_holes, keep_largest_component
 from medseg.io.files import image_suffix, read_image_channels, strip_suffix, write_image
 from medseg.io.image import Image
 from medseg.models.sliding_window import sliding_window_logits
-from medseg.planning.plan import Plan
+from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
 from medseg.progress import progress
 from medseg.serialization import from_jsonable, write_json_atomic
@@ -36,16 +36,6 @@ class Prediction:
     mirror_axes: tuple[int, ...]
     seconds: float
     label_volumes_mm3: dict[str, float]
-
-
-def read_plan(model_dir: str | os.PathLike) -> Plan:
-    path = Path(model_dir) / "plan.json"
-    if not path.exists():
-        raise MedsegError(f"{model_dir}: not a medseg model folder (no plan.json)")
-    try:
-        return from_jsonable(Plan, json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise MedsegError(f"{path}: invalid plan ({exc})") from None
 
 
 def available_folds(model_dir: str | os.PathLike, checkpoint: str = "best") -> list[int]:

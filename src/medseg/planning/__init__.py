@@ -1,7 +1,7 @@
 """Dataset fingerprint and the editable JSON plan."""
 
 from medseg.planning.fingerprint import ChannelStats, Fingerprint, compute_fingerprint
-from medseg.planning.plan import ChannelNormalization, NetworkPlan, Plan, make_plan
+from medseg.planning.plan import ChannelNormalization, NetworkPlan, Plan, make_plan, read_plan
 
 __all__ = [
     "ChannelNormalization",
@@ -11,4 +11,5 @@ __all__ = [
     "Plan",
     "compute_fingerprint",
     "make_plan",
+    "read_plan",
 ]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
+from medseg.errors import MedsegError
 from medseg.planning.fingerprint import Fingerprint
+from medseg.serialization import from_jsonable
 
 ANISOTROPY_RATIO = 3.0
 # Voxels of one resampled image the planner aims for: on a CPU a coarser grid keeps
@@ -213,3 +218,18 @@ def make_plan(fp: Fingerprint, *, gpu: bool = False, configuration: str | None =
 def with_overrides(plan: Plan, **changes) -> Plan:
     """A copy of ``plan`` with some fields changed (for tests and the CLI)."""
     return replace(plan, **changes)
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """Read a (possibly hand-edited) plan: a ``plan.json`` file or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plan.json"
+    try:
+        return from_jsonable(Plan, json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise MedsegError(
+            f"{path}: no plan.json (run `medseg plan`, or give a model folder)"
+        ) from None
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise MedsegError(f"{path}: invalid plan ({exc})") from None

@@ -301,7 +301,8 @@ def train_fold(
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler", {})) if use_amp and state.get("scaler") else None
+        if use_amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         epoch, iteration, elapsed_before = state["epoch"], state["iteration"], state["elapsed"]
         best_dice, best_epoch, best_per_class = (
             state["best_dice"],
@@ -410,11 +411,7 @@ def train_fold(
                 improved = not math.isnan(mean_dice) and mean_dice > best_dice
                 if improved or not val_cases:
                     best_dice, best_epoch = (mean_dice if improved else best_dice), epoch - 1
-                    best_per_class = {
-                        k.removeprefix("val_dice_"): v
-                        for k, v in row.items()
-                        if k.startswith("val_dice_") and k != "val_dice_mean"
-                    }
+                    best_per_class = {class_names[c]: float(v) for c, v in enumerate(per_class, 1)}
                     epochs_since_best = 0
                     _save_checkpoint(
                         fold_dir / CHECKPOINT_BEST,
