@@ -475,3 +475,15 @@ def demo(
     )
     write_json_atomic(summary, work / "run_summary.json")
     return summary
+
+
+# --- metrics and evaluation (issue 3) ---
+
+
+# --- classical methods and filters (issue 4) ---
+
+
+# --- registration (issue 5) ---
+
+
+# --- fast inference and export (issue 6) ---

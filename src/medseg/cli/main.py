@@ -146,14 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes of each class")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("evaluate", help="Dice/IoU of predictions against references")
-    p.add_argument("pred_dir")
-    p.add_argument("ref_dir")
-    p.add_argument("-o", "--output", help="folder for metrics.csv, summary.json and report.html")
-    p.add_argument("--dataset-json", help="label names from a dataset.json")
-    p.add_argument("--images", help="folder of the images, for report overlays")
-    p.add_argument("--overwrite", action="store_true")
-
     p = sub.add_parser("run", help="check, plan, preprocess, train, predict and evaluate")
     p.add_argument("dataset")
     p.add_argument("-w", "--work-dir")
@@ -170,7 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--work-dir", default="medseg_demo")
     p.add_argument("--time-budget", type=float, default=3.0, metavar="MINUTES")
     p.add_argument("--overwrite", action="store_true")
+
+    for module in _command_modules():
+        module.add_commands(sub)
     return parser
+
+
+def _command_modules():
+    """Command groups kept in their own modules; each has ``add_commands(sub)`` and sets
+    ``handler(args, settings, show_progress) -> exit code`` on its parsers."""
+    from medseg.cli import classical, deploy, evaluation, registration
+
+    return (evaluation, classical, registration, deploy)
 
 
 def _print_json(data) -> None:
@@ -198,6 +201,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_file(args.settings) if args.settings else Settings()
     settings = settings.with_(device=args.device, work_dir=getattr(args, "work_dir", None))
     show = settings.show_progress and not args.quiet
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args, settings, show)
     if args.command == "check":
         report = api.check(args.dataset, num_workers=settings.num_workers)
         if args.json:
@@ -280,22 +286,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             show_progress=show,
         )
         print(f"{len(results)} case(s) predicted into {args.output}", file=sys.stderr)
-        return 0
-    if args.command == "evaluate":
-        labels = None
-        if args.dataset_json:
-            from medseg.evaluation.evaluate import labels_from_dataset_json
-
-            labels = dict(labels_from_dataset_json(args.dataset_json))
-        report = api.evaluate(
-            args.pred_dir,
-            args.ref_dir,
-            args.output,
-            labels=labels,
-            images_dir=args.images,
-            overwrite=args.overwrite,
-        )
-        _print_json(report.summary)
         return 0
     if args.command == "demo":
         summary = api.demo(
