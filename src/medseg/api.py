@@ -487,3 +487,6 @@ def demo(
 
 
 # --- fast inference and export (issue 6) ---
+
+
+# --- DICOM, PACS and the REST service (issue 7) ---

@@ -1,4 +1,4 @@
-"""Commands of the deploy group (see :func:`add_commands`)."""
+"""Commands of the deploy group (export, fast batch prediction) (see :func:`add_commands`)."""
 
 from __future__ import annotations
 

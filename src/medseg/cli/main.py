@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules():
     """Command groups kept in their own modules; each has ``add_commands(sub)`` and sets
     ``handler(args, settings, show_progress) -> exit code`` on its parsers."""
-    from medseg.cli import classical, deploy, evaluation, registration
+    from medseg.cli import classical, deploy, evaluation, hospital, registration
 
-    return (evaluation, classical, registration, deploy)
+    return (evaluation, classical, registration, deploy, hospital)
 
 
 def _print_json(data) -> None:
