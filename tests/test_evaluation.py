@@ -306,7 +306,8 @@ def test_html_report_is_self_contained_and_shows_worst_cases(tmp_path):
     )
     text = out.read_text()
     uris = re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", text)
-    assert len(uris) == 1 + 1 + 5  # box plot, curves, five overlays
+    # metric distributions, Bland-Altman, curves, five overlays
+    assert len(uris) == 1 + 1 + 1 + 5
     stripped = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
     assert "http" not in stripped and "src='" not in stripped.replace("src=''", "")
     for case_id in ("case_06", "case_05", "case_02"):

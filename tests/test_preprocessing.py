@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from medseg.errors import MedsegError
 from medseg.inference.predictor import restore_geometry
 from medseg.io import Image
 from medseg.io.dataset import load_dataset
@@ -126,3 +127,27 @@ def test_postprocessing_by_construction():
     assert kept[10:12, 10:12].sum() == 0 and (kept == 2).sum() == 3 and kept[3, 3] == 0
     filled = fill_holes(kept)
     assert (filled[1:8, 1:8] == 1).all() and (filled == 1).sum() == 49
+
+
+def test_plan_filters_run_before_normalization_and_change_the_cache(tmp_path):
+    from medseg.planning.plan import read_plan
+    from medseg.preprocessing.preprocess import plan_fingerprint, preprocess_image
+    from medseg.serialization import write_json_atomic
+
+    rng = np.random.default_rng(0)
+    noisy = Image(rng.normal(100.0, 10.0, (24, 20, 12)).astype(np.float32), spacing=(1, 1, 2))
+    plain = make_plan(spacing=(1.0, 1.0, 2.0))
+    smoothed = make_plan(spacing=(1.0, 1.0, 2.0), filters=({"name": "gaussian", "sigma_mm": 2},))
+    raw, _ = preprocess_image([noisy], plain)
+    filtered, _ = preprocess_image([noisy], smoothed)
+    # z-score keeps unit spread; smoothing first makes the interior less rough
+    assert (
+        np.abs(np.diff(filtered[0], axis=0)).mean() < 0.5 * np.abs(np.diff(raw[0], axis=0)).mean()
+    )
+    assert plan_fingerprint(plain) != plan_fingerprint(smoothed)
+    # the plan JSON round trip keeps the steps, and unknown filters are refused on reading
+    write_json_atomic(smoothed, tmp_path / "plan.json")
+    assert read_plan(tmp_path).filters == smoothed.filters
+    write_json_atomic(make_plan(filters=({"name": "sharpen"},)), tmp_path / "bad" / "plan.json")
+    with pytest.raises(MedsegError, match="sharpen"):
+        read_plan(tmp_path / "bad")

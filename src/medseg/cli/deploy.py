@@ -1,9 +1,150 @@
-"""Commands of the deploy group (export, fast batch prediction) (see :func:`add_commands`)."""
+"""Commands of the deploy group: ``medseg export``, ``medseg postprocess`` and the fast-inference
+options of ``medseg predict`` (backend, TTA axes, workers, uncertainty, recorded postprocessing)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from medseg.settings import Settings
+
+
+def _axes(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tta-axes takes spatial axes like 0,1,2 (got {value!r})"
+        ) from None
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this group's sub-commands to the medseg parser."""
+    """Add ``export`` and ``postprocess``, and extend ``predict`` with the deploy options."""
+    p = sub.add_parser("export", help="export a trained model to ONNX (fp32/int8) or TorchScript")
+    p.add_argument("model", help="model folder (or a work folder holding model/)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument(
+        "--int8",
+        nargs="?",
+        const="dynamic",
+        choices=["dynamic", "static", "both"],
+        help="also write int8 ONNX: dynamic (default), static (calibrated on training patches) or both",
+    )
+    p.add_argument("--folds", help="folds to export, e.g. 0,1 (default: all trained)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_export)
+
+    p = sub.add_parser(
+        "postprocess",
+        help="choose postprocessing on the validation folds and record it in the model folder",
+    )
+    p.add_argument("model", help="model folder (or a work folder holding model/)")
+    p.add_argument("--folds", help="folds whose validation cases are used (default: all trained)")
+    p.add_argument(
+        "--tta", action="store_true", help="mirroring TTA for the validation predictions"
+    )
+    p.add_argument("--max-cases", type=int, help="at most this many validation cases per fold")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_postprocess)
+
+    predict = sub.choices.get("predict")
+    if predict is not None:
+        g = predict.add_argument_group("fast inference")
+        g.add_argument(
+            "--backend",
+            choices=["torch", "onnx", "onnx-int8", "onnx-int8-static"],
+            default="torch",
+            help="run the network with PyTorch or an exported ONNX model (onnxruntime)",
+        )
+        g.add_argument(
+            "--tta-axes", type=_axes, help="mirror only these spatial axes, e.g. 0,1 (implies TTA)"
+        )
+        g.add_argument(
+            "--precision",
+            choices=["fp32", "bf16"],
+            default="fp32",
+            help="bf16: bfloat16 autocast on CPU (PyTorch backend; fast with AMX/AVX512-BF16)",
+        )
+        g.add_argument(
+            "--workers", type=int, default=2, help="reader threads that prepare cases ahead"
+        )
+        g.add_argument(
+            "--uncertainty", action="store_true", help="also write <case>_entropy.nii.gz maps"
+        )
+        g.add_argument(
+            "--no-postprocess",
+            action="store_true",
+            help="ignore the model folder's postprocessing.json",
+        )
+        predict.set_defaults(handler=run_predict)
+
+
+def _fold_list(value: str | None) -> list[int] | None:
+    from medseg.errors import MedsegError
+
+    if value is None or value == "all":
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise MedsegError(f"--folds takes 'all' or numbers like 0,1,2 (got {value!r})") from None
+
+
+def run_export(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    from medseg import api
+    from medseg.serialization import to_jsonable
+
+    int8 = {"dynamic": ("dynamic",), "static": ("static",), "both": ("dynamic", "static")}.get(
+        args.int8 or "", ()
+    )
+    report = api.export(
+        args.model,
+        fmt=args.format,
+        int8=int8,
+        folds=_fold_list(args.folds),
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(to_jsonable(report), indent=2))
+    return 0
+
+
+def run_postprocess(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    from medseg import api
+
+    config = api.select_postprocessing(
+        args.model,
+        folds=_fold_list(args.folds),
+        mirror=args.tta,
+        max_cases=args.max_cases,
+        device=settings.device,
+        overwrite=args.overwrite,
+        show_progress=show_progress,
+    )
+    print(json.dumps(config.to_json(), indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    from medseg import api
+
+    results = api.predict(
+        args.model,
+        args.input,
+        args.output,
+        folds=args.folds if args.folds != [-1] else None,
+        mirror=args.tta,
+        mirror_axes=args.tta_axes,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
+        overwrite=args.overwrite,
+        device=settings.device,
+        backend=args.backend,
+        num_workers=args.workers,
+        uncertainty=args.uncertainty,
+        postprocess=not args.no_postprocess,
+        precision=args.precision,
+        show_progress=show_progress,
+    )
+    print(f"{len(results)} case(s) predicted into {args.output}", file=sys.stderr)
+    return 0

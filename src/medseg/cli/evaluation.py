@@ -1,4 +1,4 @@
-"""``medseg evaluate``: metrics of predictions against references."""
+"""``medseg evaluate`` and ``medseg evaluate-cv``: metrics of predictions against references."""
 
 from __future__ import annotations
 
@@ -8,6 +8,37 @@ import json
 from medseg.settings import Settings
 
 
+def _add_metric_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", help="label names from a dataset.json (file or folder)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=2.0,
+        metavar="MM",
+        help="NSD tolerance and boundary IoU band in mm (default 2)",
+    )
+    p.add_argument(
+        "--percentile", type=float, default=95.0, help="robust Hausdorff percentile (default 95)"
+    )
+    p.add_argument(
+        "--empty",
+        choices=("nan", "penalty"),
+        default="nan",
+        help="empty-mask policy: nan (nnU-Net, default) or penalty (BraTS-style)",
+    )
+    p.add_argument(
+        "--max-distance",
+        type=float,
+        metavar="MM",
+        help="penalty distance of --empty penalty (default: image diagonal)",
+    )
+    p.add_argument("--no-distances", action="store_true", help="overlap metrics only (faster)")
+    p.add_argument(
+        "--lesions", action="store_true", help="lesion-wise TP/FP/FN (connected components)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of predictions against references")
     p.add_argument("pred_dir")
@@ -15,8 +46,52 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="folder for metrics.csv, summary.json and report.html")
     p.add_argument("--dataset-json", help="label names from a dataset.json")
     p.add_argument("--images", help="folder of the images, for report overlays")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--groups", help="CSV: a case column, then one column per grouping (site, sex, ...)"
+    )
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample predictions whose grid differs onto the reference (nearest neighbour)",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score the cases that have a prediction, warn about the others",
+    )
+    _add_metric_options(p)
     p.set_defaults(handler=run_evaluate)
+
+    p = sub.add_parser(
+        "evaluate-cv", help="evaluate every fold's validation predictions of a work folder"
+    )
+    p.add_argument("work_dir")
+    p.add_argument("-o", "--output", help="folder for metrics.csv, summary.json and report.html")
+    _add_metric_options(p)
+    p.set_defaults(handler=run_evaluate_cv)
+
+
+def _metric_options(args: argparse.Namespace) -> dict:
+    return {
+        "distances": not args.no_distances,
+        "percentile": args.percentile,
+        "tolerance_mm": args.tolerance,
+        "empty": args.empty,
+        "max_distance_mm": args.max_distance,
+        "lesions": args.lesions,
+    }
+
+
+def _brief(summary: dict) -> dict:
+    """What the terminal shows; summary.json has the per-class, per-group and per-fold details."""
+    keep = ("n_cases", "mean_foreground_dice", "mean_over_classes", "n_empty", "warnings")
+    brief = {k: summary[k] for k in keep if k in summary}
+    if len(summary.get("per_class", {})) <= 8:
+        brief["mean_per_class"] = {
+            c["name"]: {m: c[m]["mean"] for m in ("dice", "hd95", "nsd") if m in c}
+            for c in summary["per_class"].values()
+        }
+    return brief
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
@@ -24,10 +99,11 @@ def run_evaluate(args: argparse.Namespace, settings: Settings, show_progress: bo
     from medseg.serialization import to_jsonable
 
     labels = None
-    if args.dataset_json:
+    source = args.dataset_json or args.labels
+    if source:
         from medseg.evaluation.evaluate import labels_from_dataset_json
 
-        labels = dict(labels_from_dataset_json(args.dataset_json))
+        labels = dict(labels_from_dataset_json(source))
     report = api.evaluate(
         args.pred_dir,
         args.ref_dir,
@@ -35,6 +111,27 @@ def run_evaluate(args: argparse.Namespace, settings: Settings, show_progress: bo
         labels=labels,
         images_dir=args.images,
         overwrite=args.overwrite,
+        groups=args.groups,
+        resample=args.resample,
+        allow_missing=args.allow_missing,
+        show_progress=show_progress,
+        **_metric_options(args),
     )
-    print(json.dumps(to_jsonable(report.summary), indent=2))
+    print(json.dumps(to_jsonable(_brief(report.summary)), indent=2))
+    return 0
+
+
+def run_evaluate_cv(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    from medseg import api
+    from medseg.serialization import to_jsonable
+
+    report = api.evaluate_cross_validation(
+        args.work_dir,
+        args.output,
+        labels=args.labels,
+        overwrite=args.overwrite,
+        show_progress=show_progress,
+        **_metric_options(args),
+    )
+    print(json.dumps(to_jsonable(_brief(report.summary)), indent=2))
     return 0

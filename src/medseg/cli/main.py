@@ -44,6 +44,11 @@ def _train_config(args: argparse.Namespace):
         "batch_size": args.batch_size,
         "model": args.model,
         "device": args.device,
+        "init_from": getattr(args, "init_from", None),
+        "freeze_epochs": getattr(args, "freeze_epochs", None),
+        "class_weighting": getattr(args, "class_weighting", None),
+        "class_sampling": getattr(args, "class_sampling", None),
+        "encoder_weights": getattr(args, "encoder_weights", None),
     }
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if args.no_augmentation:
@@ -74,7 +79,21 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations-per-epoch", type=int)
     g.add_argument("--optimizer", choices=["sgd", "adamw"])
     g.add_argument("--learning-rate", type=float)
-    g.add_argument("--loss", choices=["dice_ce", "ce", "dice", "jaccard"])
+    g.add_argument(
+        "--loss",
+        choices=[
+            "dice_ce",
+            "ce",
+            "dice",
+            "jaccard",
+            "tversky",
+            "tversky_ce",
+            "focal",
+            "dice_focal",
+            "generalized_dice",
+            "dice_ce_hausdorff",
+        ],
+    )
     g.add_argument("--model", help="registered model name (default: the plan's)")
     g.add_argument("--batch-size", type=int)
     g.add_argument(
@@ -84,6 +103,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="stop after this many epochs without a better validation Dice",
     )
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="fine-tune: start from a trained medseg model's matching layers (new head)",
+    )
+    g.add_argument(
+        "--freeze-epochs",
+        type=int,
+        metavar="EPOCHS",
+        help="with --init-from: train only the new layers for this many epochs first",
+    )
+    g.add_argument(
+        "--class-weighting",
+        choices=["inverse", "inverse_sqrt", "log"],
+        help="loss class weights from the training labels' class frequencies",
+    )
+    g.add_argument(
+        "--class-sampling",
+        choices=["rarest_half", "uniform", "inverse_frequency"],
+        help="which class foreground patches are centred on (default rarest_half)",
+    )
+    g.add_argument(
+        "--encoder-weights",
+        metavar="FILE",
+        help="torchvision-format ResNet state dict for the resnet*_unet models",
+    )
     g.add_argument("--no-augmentation", action="store_true")
     g.add_argument(
         "--no-resume",
@@ -171,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules():
     """Command groups kept in their own modules; each has ``add_commands(sub)`` and sets
     ``handler(args, settings, show_progress) -> exit code`` on its parsers."""
-    from medseg.cli import classical, deploy, evaluation, hospital, registration
+    from medseg.cli import classical, deploy, evaluation, hospital, registration, zoo
 
-    return (evaluation, classical, registration, deploy, hospital)
+    return (evaluation, classical, registration, deploy, hospital, zoo)
 
 
 def _print_json(data) -> None:
@@ -271,21 +316,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 show_progress=show,
             )
             _print_json(summary)
-        return 0
-    if args.command == "predict":
-        results = api.predict(
-            args.model,
-            args.input,
-            args.output,
-            folds=args.folds if args.folds != [-1] else None,
-            mirror=args.tta,
-            largest_component=args.largest_component,
-            fill_holes=args.fill_holes,
-            overwrite=args.overwrite,
-            device=settings.device,
-            show_progress=show,
-        )
-        print(f"{len(results)} case(s) predicted into {args.output}", file=sys.stderr)
         return 0
     if args.command == "demo":
         summary = api.demo(

@@ -1,9 +1,13 @@
 """Evaluation of predicted label maps against references: per-case rows and a summary.
 
-Background (label 0) is never scored. The empty-mask convention is nnU-Net's:
-a class absent from both prediction and reference gets NaN Dice/IoU, flagged
-with ``empty_reference=True`` and ``empty_prediction=True``; summaries ignore
-NaN values but count the empty cases. Absent from the reference only gives 0.
+Background (label 0) is never scored. Every row holds overlap metrics (Dice,
+IoU, precision, recall, specificity, volume similarity and differences) and,
+unless ``distances=False``, surface metrics in mm (HD, HD95, ASSD, MASD, NSD,
+boundary IoU; see :mod:`medseg.evaluation.distances`). Empty masks follow the
+policy chosen with ``empty=`` (``"nan"``, nnU-Net's, by default; or
+``"penalty"``, BraTS-style; see :mod:`medseg.evaluation.metrics`) and every
+row says so with ``empty_reference`` and ``empty_prediction``; summaries
+ignore NaN values but count the empty cases.
 """
 
 from __future__ import annotations
@@ -23,14 +27,19 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import (
-    dice_from_counts,
-    iou_from_counts,
-    label_overlaps,
+    DISTANCE_METRICS,
+    OVERLAP_METRICS,
+    check_empty_policy,
+    compute_metrics,
+    distance_scores,
+    lesion_counts,
+    overlap_scores,
     present_values,
 )
 from medseg.io.dataset import _parse_labels
 from medseg.io.files import image_suffix, read_image, read_image_channels, strip_suffix
 from medseg.io.image import Image
+from medseg.progress import progress
 from medseg.serialization import write_json_atomic
 
 LabelsArg = Mapping[int, str] | Sequence[tuple[int, str]]
@@ -39,13 +48,28 @@ GEOMETRY_TOLERANCE = 1e-3
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
-STATISTICS = ("mean", "std", "median", "p25", "p75", "min", "max")
+STATISTICS = ("mean", "std", "median", "p5", "p25", "p75", "p95", "min", "max")
+LESION_FIELDS = (
+    "n_reference_lesions",
+    "n_predicted_lesions",
+    "lesion_tp",
+    "lesion_fp",
+    "lesion_fn",
+    "lesion_f1",
+)
 _MAX_NAMED = 20  # case names listed in one error or warning line
 
 
-@dataclass(frozen=True)
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+@dataclass(frozen=True, eq=False)
 class CaseMetrics:
-    """Scores of one class in one case (volumes in mm^3, mm^2 for 2D images)."""
+    """Scores of one class in one case (volumes in mm^3, mm^2 for 2D images; distances in mm).
+
+    Equality treats NaN as equal to NaN (an undefined score matches itself).
+    """
 
     case_id: str
     label: int
@@ -61,6 +85,76 @@ class CaseMetrics:
     predicted_volume_mm3: float
     empty_reference: bool
     empty_prediction: bool
+    precision: float = math.nan
+    recall: float = math.nan
+    specificity: float = math.nan
+    volume_similarity: float = math.nan
+    abs_volume_difference_mm3: float = math.nan
+    rel_volume_difference: float = math.nan
+    hd: float = math.nan
+    hd95: float = math.nan
+    assd: float = math.nan
+    masd: float = math.nan
+    nsd: float = math.nan
+    boundary_iou: float = math.nan
+    n_reference_lesions: int | None = None
+    n_predicted_lesions: int | None = None
+    lesion_tp: int | None = None
+    lesion_fp: int | None = None
+    lesion_fn: int | None = None
+    lesion_f1: float | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CaseMetrics):
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+    def __hash__(self) -> int:
+        return hash((self.case_id, self.label))
+
+
+_SCORE_FIELDS = (*OVERLAP_METRICS, *DISTANCE_METRICS, *LESION_FIELDS)
+# The per-row scores that summaries describe, in table order.
+SCORED_METRICS = tuple(
+    m for m in (*OVERLAP_METRICS, *DISTANCE_METRICS, "lesion_f1") if m != "specificity"
+) + ("specificity",)
+_FLOAT_FIELDS = (*OVERLAP_METRICS, *DISTANCE_METRICS, "lesion_f1")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How the metrics of a case are computed (see :func:`evaluate_pairs`)."""
+
+    distances: bool = True
+    percentile: float = 95.0
+    tolerance_mm: float = 2.0
+    boundary_width_mm: float | None = None
+    empty: str = "nan"
+    max_distance_mm: float | None = None
+    lesions: bool = False
+    connectivity: int | None = None
+
+    def __post_init__(self) -> None:
+        check_empty_policy(self.empty)
+        if not 0 < self.percentile <= 100:
+            raise MedsegError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.tolerance_mm < 0:
+            raise MedsegError(f"NSD tolerance must be >= 0 mm, got {self.tolerance_mm}")
+
+    def describe(self) -> dict:
+        """The options as written into summaries."""
+        return {
+            "empty_policy": self.empty,
+            "distances": self.distances,
+            "hd_percentile": self.percentile,
+            "nsd_tolerance_mm": self.tolerance_mm,
+            "boundary_width_mm": (
+                self.tolerance_mm if self.boundary_width_mm is None else self.boundary_width_mm
+            ),
+            "max_distance_mm": self.max_distance_mm or "image diagonal",
+            "lesions": self.lesions,
+            "surface_definition": "surface-distance (DeepMind): marching-cubes surfels, area-weighted",
+        }
 
 
 @dataclass(frozen=True)
@@ -92,8 +186,9 @@ class EvaluationReport:
         rows = []
         for row in self.cases:
             data = {f.name: getattr(row, f.name) for f in fields(CaseMetrics)}
-            for key in ("dice", "iou"):
-                data[key] = None if math.isnan(data[key]) else data[key]
+            for key in _FLOAT_FIELDS:
+                value = data[key]
+                data[key] = None if value is None or not math.isfinite(value) else value
             rows.append(data)
         return {
             "labels": [[value, name] for value, name in self.labels],
@@ -107,8 +202,9 @@ class EvaluationReport:
         rows = []
         for raw in data["cases"]:
             row = dict(raw)
-            for key in ("dice", "iou"):
-                row[key] = float("nan") if row[key] is None else float(row[key])
+            for key in _FLOAT_FIELDS:
+                if key in row and not (key == "lesion_f1" and row.get("lesion_tp") is None):
+                    row[key] = float("nan") if row[key] is None else float(row[key])
             rows.append(CaseMetrics(**row))
         return cls(
             labels=tuple((int(v), str(n)) for v, n in data["labels"]),
@@ -120,8 +216,11 @@ class EvaluationReport:
 @dataclass(frozen=True)
 class _CaseCounts:
     case_id: str
-    overlaps: dict[int, tuple[int, int, int]]  # value -> (tp, predicted, reference) voxels
+    scores: dict[int, dict]  # value -> compute_metrics row (+ counts) for values present
     voxel_volume: float
+    n_voxels: int
+    ndim: int
+    max_distance_mm: float
 
 
 def normalize_labels(labels: LabelsArg) -> tuple[tuple[int, str], ...]:
@@ -200,7 +299,31 @@ def _geometry_difference(pred: Image, ref: Image) -> str | None:
     return None
 
 
-def _count_case(case_id: str, pred: Image, ref: Image, keep_255: bool) -> _CaseCounts:
+def _resample_like(pred: Image, ref: Image) -> Image:
+    """The prediction on the reference's grid (nearest neighbour, 0 outside)."""
+    import SimpleITK as sitk
+
+    from medseg.io.files import from_sitk, to_sitk
+
+    if pred.ndim != ref.ndim:
+        raise MedsegError(f"prediction is {pred.ndim}D, reference {ref.ndim}D: cannot resample")
+    moved = sitk.Resample(
+        to_sitk(pred), to_sitk(ref), sitk.Transform(), sitk.sitkNearestNeighbor, 0
+    )
+    return ref.with_array(from_sitk(moved).array)
+
+
+def _count_case(
+    case_id: str,
+    pred: Image,
+    ref: Image,
+    keep_255: bool,
+    options: MetricOptions | None = None,
+    resample: bool = False,
+) -> _CaseCounts:
+    options = options or MetricOptions()
+    if resample and (pred.shape != ref.shape or _geometry_difference(pred, ref)):
+        pred = _resample_like(pred, ref)
     if pred.shape != ref.shape:
         raise MedsegError(
             f"case {case_id}: prediction shape {pred.shape} differs from reference shape {ref.shape}"
@@ -214,61 +337,134 @@ def _count_case(case_id: str, pred: Image, ref: Image, keep_255: bool) -> _CaseC
     ref_array = _label_array(ref.array, f"case {case_id} reference", keep_255)
     values = set(present_values(pred_array).tolist()) | set(present_values(ref_array).tolist())
     values.discard(0)
+    max_distance = options.max_distance_mm or float(
+        np.linalg.norm(np.multiply(ref.shape, ref.spacing))
+    )
+    scores = compute_metrics(
+        pred_array,
+        ref_array,
+        labels=sorted(values),
+        spacing=ref.spacing,
+        distances=options.distances,
+        percentile=options.percentile,
+        tolerance_mm=options.tolerance_mm,
+        boundary_width_mm=options.boundary_width_mm,
+        empty=options.empty,
+        max_distance_mm=max_distance,
+    )
+    if options.lesions:
+        for value in values:
+            scores[value].update(
+                lesion_counts(
+                    pred_array == value, ref_array == value, connectivity=options.connectivity
+                )
+            )
     return _CaseCounts(
         case_id=case_id,
-        overlaps=label_overlaps(pred_array, ref_array, values),
+        scores=scores,
         voxel_volume=float(np.prod(ref.spacing)),
+        n_voxels=int(ref_array.size),
+        ndim=ref_array.ndim,
+        max_distance_mm=max_distance,
     )
 
 
-def _statistics(values: Sequence[float]) -> dict[str, float | None]:
-    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+def _absent_scores(case: _CaseCounts, options: MetricOptions) -> dict:
+    """Scores of a class absent from both masks, under the chosen empty policy."""
+    row: dict = dict(overlap_scores(0, 0, 0, case.n_voxels, empty=options.empty))
+    if options.distances:
+        nothing = np.zeros((1,) * case.ndim, dtype=bool)
+        row.update(
+            distance_scores(
+                nothing,
+                nothing,
+                spacing=(1.0,) * case.ndim,
+                empty=options.empty,
+                max_distance_mm=case.max_distance_mm,
+            )
+        )
+    if options.lesions:
+        row.update(
+            lesion_counts(np.zeros((1,) * case.ndim, bool), np.zeros((1,) * case.ndim, bool))
+        )
+    row.update(empty_reference=True, empty_prediction=True, tp=0, fp=0, fn=0)
+    return row
+
+
+def _statistics(values: Sequence[float | None]) -> dict[str, float | None]:
+    finite = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if finite.size == 0:
         return dict.fromkeys(STATISTICS)
+    p5, p25, p75, p95 = np.percentile(finite, [5, 25, 75, 95])
     return {
         "mean": float(finite.mean()),
         "std": float(finite.std()),
         "median": float(np.median(finite)),
-        "p25": float(np.percentile(finite, 25)),
-        "p75": float(np.percentile(finite, 75)),
+        "p5": float(p5),
+        "p25": float(p25),
+        "p75": float(p75),
+        "p95": float(p95),
         "min": float(finite.min()),
         "max": float(finite.max()),
     }
 
 
+def _class_summary(rows: Sequence[CaseMetrics], name: str) -> dict:
+    summary = {
+        "name": name,
+        "n_cases": len(rows),
+        "n_scored": sum(not math.isnan(row.dice) for row in rows),
+        "n_empty_reference": sum(row.empty_reference for row in rows),
+        "n_empty_prediction": sum(row.empty_prediction for row in rows),
+        "n_both_empty": sum(row.empty_reference and row.empty_prediction for row in rows),
+    }
+    for metric in SCORED_METRICS:
+        values = [getattr(row, metric) for row in rows]
+        if any(v is not None and not math.isnan(v) for v in values) or metric in ("dice", "iou"):
+            summary[metric] = _statistics(values)
+    if any(row.lesion_tp is not None for row in rows):
+        for key in ("lesion_tp", "lesion_fp", "lesion_fn"):
+            summary[f"total_{key}"] = int(sum(getattr(row, key) or 0 for row in rows))
+    return summary
+
+
 def summarize(
     cases: Sequence[CaseMetrics], labels: Sequence[tuple[int, str]], warnings: Sequence[str] = ()
 ) -> dict:
-    """Per-class statistics of Dice and IoU over cases (NaN ignored, empty cases counted).
+    """Per-class statistics of every metric over cases (NaN ignored, empty cases counted).
 
-    Statistics are ``mean, std`` (population), ``median, p25, p75, min, max``;
-    ``mean_foreground_dice`` is the mean over classes of the per-class means.
+    Statistics are ``mean, std`` (population), ``median, p5, p25, p75, p95,
+    min, max``; ``mean_foreground_dice`` is the mean over classes of the
+    per-class means (``mean_over_classes`` gives it for every metric);
+    ``n_empty`` counts the (case, class) rows with an empty mask.
     """
     n_cases = len({row.case_id for row in cases})
-    per_class = {}
-    for value, name in labels:
-        rows = [row for row in cases if row.label == value]
-        per_class[str(value)] = {
-            "name": name,
-            "n_cases": len(rows),
-            "n_scored": sum(not math.isnan(row.dice) for row in rows),
-            "n_empty_reference": sum(row.empty_reference for row in rows),
-            "n_empty_prediction": sum(row.empty_prediction for row in rows),
-            "n_both_empty": sum(row.empty_reference and row.empty_prediction for row in rows),
-            "dice": _statistics([row.dice for row in rows]),
-            "iou": _statistics([row.iou for row in rows]),
-        }
+    per_class = {
+        str(value): _class_summary([row for row in cases if row.label == value], name)
+        for value, name in labels
+    }
 
     def mean_of_means(metric: str) -> float | None:
-        means = [c[metric]["mean"] for c in per_class.values() if c[metric]["mean"] is not None]
+        means = [
+            c[metric]["mean"]
+            for c in per_class.values()
+            if metric in c and c[metric]["mean"] is not None
+        ]
         return float(np.mean(means)) if means else None
 
+    metrics = [m for m in SCORED_METRICS if any(m in c for c in per_class.values())]
     return {
         "n_cases": n_cases,
         "labels": {str(value): name for value, name in labels},
         "per_class": per_class,
         "mean_foreground_dice": mean_of_means("dice"),
         "mean_foreground_iou": mean_of_means("iou"),
+        "mean_over_classes": {m: mean_of_means(m) for m in metrics},
+        "n_empty": {
+            "reference": sum(row.empty_reference for row in cases),
+            "prediction": sum(row.empty_prediction for row in cases),
+            "both": sum(row.empty_reference and row.empty_prediction for row in cases),
+        },
         "warnings": list(warnings),
     }
 
@@ -279,10 +475,13 @@ def _name_list(names: Sequence[str]) -> str:
 
 
 def _build_report(
-    counts: Sequence[_CaseCounts], labels: tuple[tuple[int, str], ...] | None
+    counts: Sequence[_CaseCounts],
+    labels: tuple[tuple[int, str], ...] | None,
+    options: MetricOptions | None = None,
 ) -> EvaluationReport:
+    options = options or MetricOptions()
     if labels is None:
-        found = sorted({v for c in counts for v in c.overlaps})
+        found = sorted({v for c in counts for v in c.scores})
         if not found:
             raise MedsegError("no foreground label found in any prediction or reference")
         labels = tuple((v, f"label_{v}") for v in found)
@@ -290,18 +489,17 @@ def _build_report(
     unknown: dict[int, list[str]] = {}
     rows = []
     for case in counts:
-        for value in sorted(set(case.overlaps) - label_values):
+        for value in sorted(set(case.scores) - label_values):
             unknown.setdefault(value, []).append(case.case_id)
         for value, name in labels:
-            tp, predicted, reference = case.overlaps.get(value, (0, 0, 0))
-            fp, fn = predicted - tp, reference - tp
+            scores = case.scores.get(value) or _absent_scores(case, options)
+            tp, fp, fn = scores["tp"], scores["fp"], scores["fn"]
+            predicted, reference = tp + fp, tp + fn
             rows.append(
                 CaseMetrics(
                     case_id=case.case_id,
                     label=value,
                     label_name=name,
-                    dice=dice_from_counts(tp, fp, fn),
-                    iou=iou_from_counts(tp, fp, fn),
                     tp=tp,
                     fp=fp,
                     fn=fn,
@@ -311,19 +509,25 @@ def _build_report(
                     predicted_volume_mm3=predicted * case.voxel_volume,
                     empty_reference=reference == 0,
                     empty_prediction=predicted == 0,
+                    **{k: scores[k] for k in _SCORE_FIELDS if k in scores},
                 )
             )
     warnings = [
         f"value {value} is not one of the labels and was not scored (cases: {_name_list(ids)})"
         for value, ids in sorted(unknown.items())
     ]
-    return EvaluationReport(
-        labels=labels, cases=tuple(rows), summary=summarize(rows, labels, warnings)
-    )
+    summary = summarize(rows, labels, warnings)
+    summary["settings"] = options.describe()
+    return EvaluationReport(labels=labels, cases=tuple(rows), summary=summary)
 
 
 def evaluate_pairs(
-    pairs: Sequence[tuple[str, Image, Image]], *, labels: LabelsArg
+    pairs: Sequence[tuple[str, Image, Image]],
+    *,
+    labels: LabelsArg,
+    resample: bool = False,
+    show_progress: bool = False,
+    **options: Any,
 ) -> EvaluationReport:
     """Score ``(case_id, prediction, reference)`` pairs.
 
@@ -331,12 +535,19 @@ def evaluate_pairs(
     ----------
     pairs
         Each prediction must have the reference's shape and geometry (spacing,
-        origin, direction within 1e-3).
+        origin, direction within 1e-3) unless ``resample`` is True: then it is
+        resampled onto the reference's grid (nearest neighbour).
     labels
         ``{value: name}`` or ``(value, name)`` pairs; background (0) is not scored.
         Label maps that hold only 0 and 255 are read as binary (255 -> 1)
         unless 255 is one of the labels.
-
+    show_progress
+        A progress bar over cases.
+    **options
+        Keyword options of the metrics (see :class:`MetricOptions`): ``distances``
+        (default True), ``percentile`` (95), ``tolerance_mm`` (2), ``boundary_width_mm``,
+        ``empty`` (``"nan"`` or ``"penalty"``), ``max_distance_mm``, ``lesions``
+        (False), ``connectivity``.
     Returns
     -------
     EvaluationReport
@@ -348,14 +559,28 @@ def evaluate_pairs(
     MedsegError
         Naming the case whose shape or geometry differs, or whose values are not integers.
     """
+    metric_options = _metric_options(options)
     scored = normalize_labels(labels)
     keep_255 = any(v == 255 for v, _ in scored)
     case_ids = [case_id for case_id, _, _ in pairs]
     repeated = sorted({c for c in case_ids if case_ids.count(c) > 1})
     if repeated:
         raise MedsegError(f"case ids repeat: {_name_list(repeated)}")
-    counts = [_count_case(case_id, pred, ref, keep_255) for case_id, pred, ref in pairs]
-    return _build_report(counts, scored)
+    counts = [
+        _count_case(case_id, pred, ref, keep_255, metric_options, resample)
+        for case_id, pred, ref in progress(
+            pairs, total=len(pairs), desc="evaluate", enabled=show_progress
+        )
+    ]
+    return _build_report(counts, scored, metric_options)
+
+
+def _metric_options(options: Mapping[str, Any]) -> MetricOptions:
+    known = {f.name for f in fields(MetricOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown metric option(s): {', '.join(unknown)}")
+    return MetricOptions(**options)
 
 
 def _list_cases(folder: Path, role: str) -> dict[str, Path]:
@@ -410,6 +635,11 @@ def evaluate_folders(
     images_dir: str | os.PathLike | None = None,
     curves_png: str | os.PathLike | None = None,
     title: str | None = None,
+    groups: Mapping[str, Mapping[str, str] | str] | str | os.PathLike | None = None,
+    resample: bool = False,
+    allow_missing: bool = False,
+    show_progress: bool = False,
+    **options: Any,
 ) -> EvaluationReport:
     """Score every reference in ``ref_dir`` against the prediction of the same case name.
 
@@ -433,6 +663,25 @@ def evaluate_folders(
         (``<case>.<ext>`` or ``<case>_0000.<ext>``).
     curves_png, title
         A training-curve image to embed in the report, and the report's title.
+    groups
+        Subgroups of cases (site, sex, scanner...): a CSV path (a case column
+        ``case``/``case_id`` or the first one, then one column per grouping)
+        or ``{grouping: {case: group}}`` (a flat ``{case: group}`` is the
+        grouping ``group``). The summary gets ``groups``: per grouping and
+        group the same statistics, and per class and metric the gap between
+        the best and worst group means.
+    resample
+        Resample a prediction whose grid differs onto the reference's
+        (nearest neighbour) instead of refusing it.
+    allow_missing
+        Score the references that have a prediction and warn about the others,
+        instead of refusing.
+    show_progress
+        A progress bar over cases.
+    **options
+        Metric options, as for :func:`evaluate_pairs` (``distances``,
+        ``percentile``, ``tolerance_mm``, ``boundary_width_mm``, ``empty``,
+        ``max_distance_mm``, ``lesions``, ``connectivity``).
 
     Raises
     ------
@@ -441,41 +690,66 @@ def evaluate_folders(
         shape or geometry differs; predictions without a reference only add a
         warning to the summary.
     """
+    metric_options = _metric_options(options)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     references = _list_cases(ref_dir, "reference")
     predictions = _list_cases(pred_dir, "prediction")
     if not references:
         raise MedsegError(f"{ref_dir}: no reference images found")
     missing = sorted(set(references) - set(predictions))
-    if missing:
+    if missing and (not allow_missing or len(missing) == len(references)):
         raise MedsegError(
             f"{pred_dir}: no prediction for {len(missing)} reference case(s): {_name_list(missing)}"
         )
     extra = sorted(set(predictions) - set(references))
     scored, labels_source = _resolve_labels(labels, ref_dir)
+    if groups is not None:
+        from medseg.evaluation.groups import read_groups
+
+        groups = read_groups(groups)  # fail early on a bad file
     if output_dir is not None:
         _refuse_existing(_output_paths(Path(output_dir)), overwrite)
     keep_255 = scored is not None and any(v == 255 for v, _ in scored)
 
+    case_ids = sorted(set(references) - set(missing))
     counts = [
-        _count_case(case_id, read_image(predictions[case_id]), read_image(path), keep_255)
-        for case_id, path in sorted(references.items())
+        _count_case(
+            case_id,
+            read_image(predictions[case_id]),
+            read_image(references[case_id]),
+            keep_255,
+            metric_options,
+            resample,
+        )
+        for case_id in progress(
+            case_ids, total=len(case_ids), desc="evaluate", enabled=show_progress
+        )
     ]
-    report = _build_report(counts, scored)
+    report = _build_report(counts, scored, metric_options)
     warnings = list(report.summary["warnings"])
     if extra:
         warnings.insert(
             0, f"{len(extra)} prediction(s) without a reference, not scored: {_name_list(extra)}"
         )
+    if missing:
+        warnings.insert(
+            0,
+            f"{len(missing)} reference(s) without a prediction, not scored: {_name_list(missing)}",
+        )
     summary = {
         **report.summary,
         "warnings": warnings,
         "extra_predictions": extra,
+        "missing_predictions": missing,
         "labels_source": labels_source,
         "prediction_dir": str(pred_dir),
         "reference_dir": str(ref_dir),
     }
     report = EvaluationReport(labels=report.labels, cases=report.cases, summary=summary)
+    if groups is not None:
+        from medseg.evaluation.groups import with_group_summaries
+
+        report = with_group_summaries(report, groups)
 
     if output_dir is not None:
         output_dir = Path(output_dir)
@@ -495,10 +769,12 @@ def _write_folder_report(
     keep_255: bool,
     curves_png: str | os.PathLike | None = None,
     title: str | None = None,
+    image_files: Mapping[str, Path] | None = None,
 ) -> None:
     from medseg.evaluation.report import worst_cases, write_html_report
 
-    image_files = _list_cases(Path(images_dir), "image") if images_dir is not None else {}
+    if image_files is None:
+        image_files = _list_cases(Path(images_dir), "image") if images_dir is not None else {}
     shown_predictions, shown_references, shown_images = {}, {}, {}
     for case_id in worst_cases(report):
         ref = read_image(references[case_id])

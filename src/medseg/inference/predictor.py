@@ -1,10 +1,17 @@
-"""Load a trained model folder and predict cases in their original geometry."""
+"""Load a trained model folder and predict cases in their original geometry.
+
+The networks of all folds share one sliding-window tile loop (logits averaged,
+as nnU-Net does). Volumes whose preprocessed grid is the original one are
+streamed (argmax slab by slab, see :func:`medseg.models.sliding_window.sliding_window_labels`);
+the others keep logits (float16 when large) and are resampled back one class
+at a time, so peak memory does not grow with classes x original voxels.
+Networks run with PyTorch or, after ``medseg export``, with onnxruntime.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +23,16 @@ from medseg.errors import MedsegError
 from medseg.inference.postprocess import fill_holes, keep_largest_component
 from medseg.io.files import image_suffix, read_image_channels, strip_suffix, write_image
 from medseg.io.image import Image
-from medseg.models.sliding_window import sliding_window_logits
+from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
 from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
-from medseg.progress import progress
-from medseg.serialization import from_jsonable, write_json_atomic
+from medseg.serialization import from_jsonable
 from medseg.training.config import TrainConfig
 from medseg.training.trainer import available_cores, build_model, choose_device, memory_format
+
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-static")
+# Above this many bytes of float32 logits, accumulate in float16 instead.
+HALF_PRECISION_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,102 @@ def available_folds(model_dir: str | os.PathLike, checkpoint: str = "best") -> l
     return folds
 
 
+def usable_cores() -> int:
+    """Cores this process may really use: CPU affinity, capped by a cgroup CPU quota."""
+    cores = available_cores()
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def onnx_path(model_dir: str | os.PathLike, fold: int, backend: str) -> Path:
+    """Where ``medseg export`` puts a fold's ONNX file for a backend."""
+    suffix = {
+        "onnx": "",
+        "onnx-int8": "_int8_dynamic",
+        "onnx-int8-static": "_int8_static",
+    }[backend]
+    return Path(model_dir) / "export" / f"fold_{fold}{suffix}.onnx"
+
+
+class OnnxForward:
+    """An onnxruntime session as a ``(N, C, *P) tensor -> (N, K, *P) tensor`` callable."""
+
+    def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MedsegError(
+                "the ONNX backends need onnxruntime: pip install 'medseg[export]'"
+            ) from None
+        path = Path(path)
+        if not path.exists():
+            raise MedsegError(f"{path}: no exported model (run `medseg export` first)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads or usable_cores()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise MedsegError(f"{path}: cannot load ONNX model ({str(exc)[:200]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def load_networks(
+    model_dir: Path, plan, folds: list[int], *, checkpoint: str, device: torch.device
+) -> list[torch.nn.Module]:
+    """The PyTorch networks of ``folds`` (eval mode, on ``device``, channels-last)."""
+    models = []
+    for fold in folds:
+        fold_dir = model_dir / f"fold_{fold}"
+        config_path = fold_dir / "train_config.json"
+        model_name = None
+        if config_path.exists():
+            model_name = from_jsonable(TrainConfig, json.loads(config_path.read_text())).model
+        model = build_model(plan, name=model_name, deep_supervision=False)
+        state = torch.load(
+            fold_dir / f"checkpoint_{checkpoint}.pt", map_location="cpu", weights_only=False
+        )
+        model.load_state_dict(state["model"])
+        model.eval()
+        models.append(model.to(device).to(memory_format=memory_format(plan.ndim)))
+    return models
+
+
 class Predictor:
-    """Networks of one or several folds, ready to predict. Folds are ensembled by mean probability."""
+    """Networks of one or several folds, ready to predict. Folds are ensembled by mean logits.
+
+    Parameters
+    ----------
+    model_dir
+        Model folder (plan.json, fold_<k>/ and, after ``medseg export``, export/).
+    folds
+        Folds to ensemble (default: every fold with a checkpoint).
+    checkpoint
+        ``"best"`` or ``"last"``.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` ... (PyTorch backend).
+    backend
+        ``"torch"``, ``"onnx"``, ``"onnx-int8"`` (dynamic) or ``"onnx-int8-static"``.
+    num_threads
+        CPU threads (default: the cores actually usable, see :func:`usable_cores`).
+    tile_batch_size
+        Tiles per forward pass.
+    precision
+        ``"fp32"`` or ``"bf16"`` (PyTorch on CPU: bfloat16 autocast, fast on CPUs with
+        AMX or AVX512-BF16; logits are still accumulated in float32).
+    """
 
     def __init__(
         self,
@@ -56,62 +160,102 @@ class Predictor:
         folds: list[int] | None = None,
         checkpoint: str = "best",
         device: str = "auto",
+        backend: str = "torch",
+        num_threads: int | None = None,
+        tile_batch_size: int = 4,
+        precision: str = "fp32",
     ) -> None:
+        if backend not in BACKENDS:
+            raise MedsegError(f"unknown backend {backend!r} (use one of {', '.join(BACKENDS)})")
+        if precision not in ("fp32", "bf16"):
+            raise MedsegError(f"unknown precision {precision!r} (use fp32 or bf16)")
         self.model_dir = Path(model_dir)
         self.plan = read_plan(model_dir)
-        self.device = choose_device(device)
+        self.backend = backend
+        self.cpu_bf16 = precision == "bf16" and backend == "torch"
+        self.tile_batch_size = tile_batch_size
+        self.device = choose_device(device) if backend == "torch" else torch.device("cpu")
+        threads = num_threads or usable_cores()
         if self.device.type == "cpu":
-            torch.set_num_threads(available_cores())
+            torch.set_num_threads(threads)
         found = available_folds(model_dir, checkpoint)
+        if backend != "torch" and folds is None:
+            found = [f for f in found if onnx_path(model_dir, f, backend).exists()] or found
         self.folds = folds if folds is not None else found
         missing = [f for f in self.folds if f not in found]
         if not self.folds or missing:
             raise MedsegError(
                 f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}"
             )
-        self.models = []
-        for fold in self.folds:
-            fold_dir = self.model_dir / f"fold_{fold}"
-            config_path = fold_dir / "train_config.json"
-            model_name = None
-            if config_path.exists():
-                model_name = from_jsonable(TrainConfig, json.loads(config_path.read_text())).model
-            model = build_model(self.plan, name=model_name, deep_supervision=False)
-            state = torch.load(
-                fold_dir / f"checkpoint_{checkpoint}.pt", map_location="cpu", weights_only=False
+        if backend == "torch":
+            self.models: list = load_networks(
+                self.model_dir, self.plan, self.folds, checkpoint=checkpoint, device=self.device
             )
-            model.load_state_dict(state["model"])
-            model.eval()
-            self.models.append(
-                model.to(self.device).to(memory_format=memory_format(self.plan.ndim))
-            )
+        else:
+            self.models = [
+                OnnxForward(onnx_path(model_dir, f, backend), num_threads=threads)
+                for f in self.folds
+            ]
+        from medseg.inference.postprocess_selection import read_postprocessing
+
+        self.postprocessing = read_postprocessing(self.model_dir)
+
+    def logits(
+        self, data: np.ndarray, *, mirror_axes: tuple[int, ...] = (), half: bool | None = None
+    ) -> torch.Tensor:
+        """Mean blended logits over folds for preprocessed ``(C, *S)`` data: ``(K, *S)``.
+
+        ``half`` accumulates in float16 (default: when float32 logits would exceed 1 GiB).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(data))
+        if half is None:
+            half = self.plan.num_classes * data[0].size * 4 > HALF_PRECISION_BYTES
+        return sliding_window_logits(
+            self.models,
+            x,
+            patch_size=self.plan.patch_size,
+            num_classes=self.plan.num_classes,
+            mirror_axes=mirror_axes,
+            tile_batch_size=self.tile_batch_size,
+            device=self.device,
+            cpu_bf16=self.cpu_bf16,
+            buffer_dtype=torch.float16 if half else torch.float32,
+        )
 
     def probabilities(self, data: np.ndarray, *, mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
-        """Mean softmax over folds for preprocessed ``(C, *S)`` data: ``(K, *S)``."""
-        x = torch.from_numpy(np.ascontiguousarray(data))
-        total = None
-        for model in self.models:
-            logits = sliding_window_logits(
-                model,
-                x,
-                patch_size=self.plan.patch_size,
-                num_classes=self.plan.num_classes,
-                mirror_axes=mirror_axes,
-                device=self.device,
-            )
-            probs = torch.softmax(logits, dim=0)
-            total = probs if total is None else total.add_(probs)
-        return total / len(self.models)
+        """Softmax of the mean logits over folds for preprocessed ``(C, *S)`` data: ``(K, *S)``."""
+        return softmax_inplace(self.logits(data, mirror_axes=mirror_axes))
 
-    def predict(
+    def predict_case(
         self,
         channels: list[Image],
         *,
         mirror_axes: tuple[int, ...] = (),
         largest_component: bool = False,
         fill: bool = False,
-    ) -> Image:
-        """Label map for one case, in the geometry of its first channel."""
+        postprocess: bool = True,
+        uncertainty: bool = False,
+    ) -> tuple[Image, Image | None]:
+        """Label map (and entropy map when ``uncertainty``) in the geometry of the first channel.
+
+        ``postprocess`` applies what :func:`medseg.api.select_postprocessing` recorded in
+        the model folder (thresholds, components, holes); ``largest_component`` and
+        ``fill`` add those operations to every class.
+        """
+        data, geometry = self.prepare(channels)
+        return self.infer(
+            data,
+            geometry,
+            channels[0],
+            mirror_axes=mirror_axes,
+            largest_component=largest_component,
+            fill=fill,
+            postprocess=postprocess,
+            uncertainty=uncertainty,
+        )
+
+    def prepare(self, channels: list[Image]) -> tuple[np.ndarray, CaseGeometry]:
+        """Check and preprocess one case's channels (crop, normalize, resample)."""
         if len(channels) != self.plan.num_channels:
             raise MedsegError(
                 f"the model expects {self.plan.num_channels} channel(s), got {len(channels)}"
@@ -120,38 +264,159 @@ class Predictor:
             raise MedsegError(
                 f"the model expects {self.plan.ndim}D images, got {channels[0].ndim}D"
             )
-        data, geometry = preprocess_image(channels, self.plan)
-        probs = self.probabilities(data, mirror_axes=mirror_axes)
-        label = restore_geometry(probs, geometry)
+        return preprocess_image(channels, self.plan)
+
+    def infer(
+        self,
+        data: np.ndarray,
+        geometry: CaseGeometry,
+        reference: Image,
+        *,
+        mirror_axes: tuple[int, ...] = (),
+        largest_component: bool = False,
+        fill: bool = False,
+        postprocess: bool = True,
+        uncertainty: bool = False,
+    ) -> tuple[Image, Image | None]:
+        """Network, resampling back and postprocessing of a :meth:`prepare`-d case."""
+        pp = self.postprocessing if postprocess else None
+        thresholds = pp.thresholds if pp is not None else {}
+        entropy_small: np.ndarray | None = None
+        if tuple(data.shape[1:]) == geometry.cropped_shape and not thresholds:
+            # Same grid as the input: stream the argmax, never holding all class logits.
+            label_cropped, entropy_small = sliding_window_labels(
+                self.models,
+                torch.from_numpy(np.ascontiguousarray(data)),
+                patch_size=self.plan.patch_size,
+                num_classes=self.plan.num_classes,
+                mirror_axes=mirror_axes,
+                tile_batch_size=self.tile_batch_size,
+                device=self.device,
+                cpu_bf16=self.cpu_bf16,
+                entropy=uncertainty,
+            )
+            del data
+            label = uncrop(label_cropped, geometry, self.plan.num_classes)
+            entropy = uncrop(entropy_small, geometry) if entropy_small is not None else None
+        else:
+            probs = softmax_inplace(self.logits(data, mirror_axes=mirror_axes))
+            del data
+            entropy = None
+            if uncertainty:
+                entropy = uncrop(resample_to(entropy_map(probs), geometry), geometry)
+            label = restore_geometry(probs, geometry, thresholds=thresholds)
+            del probs
+        if pp is not None:
+            from medseg.inference.postprocess_selection import apply_postprocessing
+
+            label = apply_postprocessing(label, pp, spacing=reference.spacing)
         if largest_component:
             label = keep_largest_component(label)
         if fill:
             label = fill_holes(label)
-        return channels[0].with_array(label)
+        out = reference.with_array(label)
+        return out, (reference.with_array(entropy) if entropy is not None else None)
+
+    def predict(
+        self,
+        channels: list[Image],
+        *,
+        mirror_axes: tuple[int, ...] = (),
+        largest_component: bool = False,
+        fill: bool = False,
+        postprocess: bool = True,
+    ) -> Image:
+        """Label map for one case, in the geometry of its first channel."""
+        label, _ = self.predict_case(
+            channels,
+            mirror_axes=mirror_axes,
+            largest_component=largest_component,
+            fill=fill,
+            postprocess=postprocess,
+        )
+        return label
 
 
-def restore_geometry(probs: torch.Tensor, geometry: CaseGeometry) -> np.ndarray:
-    """Resample class probabilities back to the cropped grid, take the argmax, and un-crop."""
+def softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over axis 0, slab by slab along the last axis (float16 buffers stay float16)."""
+    step = max(1, logits.shape[-1] // 8)
+    for z in range(0, logits.shape[-1], step):
+        sl = (Ellipsis, slice(z, z + step))
+        logits[sl] = torch.softmax(logits[sl].float(), dim=0).to(logits.dtype)
+    return logits
+
+
+def entropy_map(probs: torch.Tensor) -> torch.Tensor:
+    """Softmax entropy (nats) of ``(K, *S)`` probabilities, float32 ``(*S)``."""
+    out = torch.zeros(probs.shape[1:], dtype=torch.float32)
+    for c in range(probs.shape[0]):
+        p = probs[c].float()
+        out -= p * torch.log(p.clamp_min(1e-12))
+    return out
+
+
+def resample_to(volume: torch.Tensor, geometry: CaseGeometry) -> np.ndarray:
+    """Linear resampling of one ``(*S)`` map to the cropped original grid."""
+    cropped = geometry.cropped_shape
+    if tuple(volume.shape) == cropped:
+        return volume.numpy()
+    mode = "bilinear" if len(cropped) == 2 else "trilinear"
+    return F.interpolate(volume[None, None].float(), size=cropped, mode=mode)[0, 0].numpy()
+
+
+def uncrop(
+    cropped: np.ndarray, geometry: CaseGeometry, num_classes: int | None = None
+) -> np.ndarray:
+    """Put a cropped array back into the full original grid (zeros outside the crop)."""
+    if num_classes is not None:
+        dtype = np.uint8 if num_classes < 256 else np.int16
+    else:
+        dtype = cropped.dtype
+    full = np.zeros(geometry.shape, dtype=dtype)
+    full[tuple(slice(a, b) for a, b in geometry.bbox)] = cropped
+    return full
+
+
+def restore_geometry(
+    probs: torch.Tensor, geometry: CaseGeometry, *, thresholds: dict[int, float] | None = None
+) -> np.ndarray:
+    """Resample class probabilities back to the cropped grid, take the argmax, and un-crop.
+
+    Classes are resampled one at a time, so peak memory is a few original-size
+    volumes whatever the number of classes. With ``thresholds`` (class ->
+    probability), a voxel gets the most probable foreground class that is eligible
+    (its probability reaches its threshold; a class without a threshold must beat
+    the background probability), else background. Without thresholds this is the
+    plain argmax.
+    """
     cropped = geometry.cropped_shape
     num_classes = probs.shape[0]
-    if tuple(probs.shape[1:]) != cropped:
-        mode = "bilinear" if len(cropped) == 2 else "trilinear"
-        best = torch.full(cropped, -1.0)
-        label_small = torch.zeros(cropped, dtype=torch.int64)
-        for c in range(num_classes):  # one class at a time keeps peak memory at one volume
-            up = F.interpolate(probs[c][None, None], size=cropped, mode=mode, align_corners=False)[
-                0, 0
-            ]
-            better = up > best
-            best[better] = up[better]
-            label_small[better] = c
-        label_cropped = label_small.numpy()
-    else:
-        label_cropped = probs.argmax(0).numpy()
-    dtype = np.uint8 if num_classes < 256 else np.int16
-    full = np.zeros(geometry.shape, dtype=dtype)
-    full[tuple(slice(a, b) for a, b in geometry.bbox)] = label_cropped
-    return full
+    thresholds = {int(k): float(v) for k, v in (thresholds or {}).items() if int(k) > 0}
+    dtype = torch.uint8 if num_classes < 256 else torch.int16
+    resample = tuple(probs.shape[1:]) != cropped
+    if not resample and not thresholds:
+        return uncrop(probs.argmax(0).to(dtype).numpy(), geometry, num_classes)
+    mode = "bilinear" if len(cropped) == 2 else "trilinear"
+
+    def channel(c: int) -> torch.Tensor:
+        p = probs[c].float()
+        if resample:
+            p = F.interpolate(p[None, None], size=cropped, mode=mode, align_corners=False)[0, 0]
+        return p
+
+    # Without thresholds this is the argmax (ties go to the lower class), one class at a time.
+    background = channel(0)
+    best = torch.full(cropped, -1.0)
+    label_small = torch.zeros(cropped, dtype=dtype)
+    for c in range(1, num_classes):
+        up = channel(c)
+        eligible = up >= thresholds[c] if c in thresholds else up > background
+        better = eligible & (up > best)
+        best = torch.where(better, up, best)
+        label_small[better] = c
+        del up, eligible, better
+    label_cropped = label_small.numpy()
+    return uncrop(label_cropped, geometry, num_classes)
 
 
 def group_inputs(paths: list[Path], num_channels: int) -> dict[str, list[Path]]:
@@ -207,52 +472,60 @@ def predict_to_folder(
     overwrite: bool = False,
     output_format: str | None = None,
     device: str = "auto",
+    backend: str = "torch",
+    postprocess: bool = True,
+    uncertainty: bool = False,
+    num_workers: int = 1,
+    precision: str = "fp32",
     show_progress: bool = True,
 ) -> list[Prediction]:
     """Predict every case under ``input_path`` into ``output_dir`` (same geometry as the input).
 
-    Cases whose output exists are skipped unless ``overwrite`` (so an interrupted run resumes).
+    Cases whose output exists are skipped unless ``overwrite`` (so an interrupted run
+    resumes). Reading and writing overlap with the network (see
+    :func:`medseg.inference.batch.predict_batch`).
     """
-    predictor = Predictor(model_dir, folds=folds, device=device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_inputs(collect_inputs(input_path), predictor.plan.num_channels)
-    results = []
-    for case_id, files in progress(
-        groups.items(), total=len(groups), desc="predict", enabled=show_progress
-    ):
-        suffix = output_format or (
-            ".png" if image_suffix(files[0]) in (".png", ".jpg", ".jpeg", ".bmp") else ".nii.gz"
+    from medseg.inference.batch import predict_batch
+
+    predictor = Predictor(
+        model_dir, folds=folds, device=device, backend=backend, precision=precision
+    )
+    return predict_batch(
+        predictor,
+        input_path,
+        output_dir,
+        mirror_axes=mirror_axes,
+        largest_component=largest_component,
+        fill=fill,
+        overwrite=overwrite,
+        output_format=output_format,
+        postprocess=postprocess,
+        uncertainty=uncertainty,
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )
+
+
+def _label_volumes(label: Image, plan) -> dict[str, float]:
+    voxel = float(np.prod(label.spacing))
+    counts = np.bincount(label.array.ravel().astype(np.int64), minlength=plan.num_classes)
+    names = dict(plan.labels)
+    return {names.get(v, str(v)): float(counts[v] * voxel) for v in range(1, len(counts))}
+
+
+def _read_case(files: list[Path]) -> list[Image]:
+    channels: list[Image] = []
+    for f in files:
+        channels.extend(read_image_channels(f))
+    return channels
+
+
+def _write_case(label: Image, entropy: Image | None, out_path: Path, *, overwrite: bool) -> None:
+    if entropy is not None:  # written first: the label file marks the case done
+        name = out_path.name[: len(out_path.name) - len(image_suffix(out_path))]
+        write_image(
+            entropy.with_array(entropy.array.astype(np.float32)),
+            out_path.with_name(f"{name}_entropy.nii.gz"),
+            overwrite=True,
         )
-        out_path = output_dir / f"{case_id}{suffix}"
-        if out_path.exists() and not overwrite:
-            continue
-        t = time.perf_counter()
-        channels: list[Image] = []
-        for f in files:
-            channels.extend(read_image_channels(f))
-        label = predictor.predict(
-            channels, mirror_axes=mirror_axes, largest_component=largest_component, fill=fill
-        )
-        write_image(label, out_path, overwrite=overwrite)
-        voxel = float(np.prod(label.spacing))
-        counts = np.bincount(
-            label.array.ravel().astype(np.int64), minlength=predictor.plan.num_classes
-        )
-        names = dict(predictor.plan.labels)
-        results.append(
-            Prediction(
-                case_id=case_id,
-                inputs=tuple(str(f) for f in files),
-                output=str(out_path),
-                folds=tuple(predictor.folds),
-                mirror_axes=tuple(mirror_axes),
-                seconds=round(time.perf_counter() - t, 3),
-                label_volumes_mm3={
-                    names.get(v, str(v)): float(counts[v] * voxel) for v in range(1, len(counts))
-                },
-            )
-        )
-    if results:
-        write_json_atomic(results, output_dir / "predictions.json")
-    return results
+    write_image(label, out_path, overwrite=overwrite)

@@ -244,6 +244,9 @@ def atomic_destination(path: Path) -> Path:
         prefix=".tmp-", suffix=image_suffix(path) or path.suffix, dir=path.parent
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual mode
     return Path(tmp)
 
 

@@ -157,4 +157,5 @@ def unet(**kwargs) -> UNet:
 
 @register_model("resunet")
 def resunet(**kwargs) -> UNet:
-    return UNet(residual=True, **kwargs)
+    # build_model() passes the plan's `residual` too: the name decides.
+    return UNet(**{**kwargs, "residual": True})

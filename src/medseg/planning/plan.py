@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,9 @@ class Plan:
     foreground_oversampling: float = 0.33
     compute_target: str = "cpu"
     notes: tuple[str, ...] = field(default=())
+    # Image filters run on every channel before cropping, e.g. [{"name": "n4"}]
+    # (names from medseg.filters.FILTERS); empty by default, added by editing the plan.
+    filters: tuple[dict[str, Any], ...] = field(default=())
 
     @property
     def num_classes(self) -> int:
@@ -226,10 +230,21 @@ def read_plan(path: str | os.PathLike) -> Plan:
     if path.is_dir():
         path = path / "plan.json"
     try:
-        return from_jsonable(Plan, json.loads(path.read_text()))
+        plan = from_jsonable(Plan, json.loads(path.read_text()))
     except FileNotFoundError:
         raise MedsegError(
             f"{path}: no plan.json (run `medseg plan`, or give a model folder)"
         ) from None
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise MedsegError(f"{path}: invalid plan ({exc})") from None
+    _check_filters(plan, path)
+    return plan
+
+
+def _check_filters(plan: Plan, path: Path) -> None:
+    from medseg.filters import FILTERS
+
+    for step in plan.filters:
+        name = step.get("name") if isinstance(step, dict) else None
+        if name not in FILTERS:
+            raise MedsegError(f"{path}: plan filter {step!r} is not one of {', '.join(FILTERS)}")

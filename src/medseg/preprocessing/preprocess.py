@@ -100,6 +100,10 @@ def resample_labels(
 
 def preprocess_image(channels: list[Image], plan: Plan) -> tuple[np.ndarray, CaseGeometry]:
     """Crop, normalize and resample one case's channels; return ``(C, *S)`` and its geometry."""
+    if plan.filters:
+        from medseg.filters import apply_filters
+
+        channels = [apply_filters(c, plan.filters) for c in channels]
     first = channels[0]
     data = np.stack([c.array for c in channels]).astype(np.float32)
     bbox: BBox = nonzero_bbox(data) if plan.crop_to_nonzero else tuple((0, n) for n in first.shape)
@@ -149,6 +153,8 @@ def plan_fingerprint(plan: Plan) -> str:
         "channel_names",
         "labels",
     )
+    if plan.filters:  # only then, so that plans without filters keep their cache
+        keys = (*keys, "filters")
     payload = json.dumps(
         {"v": CACHE_VERSION, **{k: to_jsonable(getattr(plan, k)) for k in keys}}, sort_keys=True
     )

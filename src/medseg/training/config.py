@@ -8,6 +8,19 @@ from medseg.transforms.augment import AugmentConfig
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: soft labels of a teacher (one or several model folders,
+    all their folds averaged) at ``temperature``, mixed with the supervised loss.
+
+    loss = (1 - weight) * supervised + weight * T^2 * KL(teacher_T || student_T)
+    """
+
+    teachers: tuple[str, ...] = ()
+    temperature: float = 2.0
+    weight: float = 0.5
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How to train one fold. A variant is a different config, not a subclass."""
 
@@ -29,6 +42,21 @@ class TrainConfig:
     model: str | None = None  # None: the plan's network name
     deep_supervision: bool = True
     class_weights: tuple[float, ...] | None = None
+    # Loss weights from the training labels' class frequencies when class_weights is None:
+    # None (off), "inverse", "inverse_sqrt" or "log" (see medseg.losses.zoo).
+    class_weighting: str | None = None
+    # Which class a foreground-centred patch is centred on: "rarest_half" (half the draws
+    # take the case's rarest class), "uniform" (present classes equally) or
+    # "inverse_frequency" (classes drawn by 1/frequency over the training set).
+    class_sampling: str = "rarest_half"
+    # Fine-tuning: a medseg model folder (or checkpoint) whose matching layers start the
+    # network; the output heads are re-initialized when the classes differ. The encoder
+    # stays frozen for the first `freeze_epochs` epochs, then everything trains.
+    init_from: str | None = None
+    freeze_epochs: int = 0
+    # A torchvision-format state dict for pretrained 2D encoders (resnet*_unet models).
+    encoder_weights: str | None = None
+    distill: DistillConfig | None = None
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     mirror_validation: bool = False
     amp: bool = True  # CUDA only

@@ -34,6 +34,9 @@ def cut_region(array: np.ndarray, center: Sequence[int], size: Sequence[int]) ->
     return out
 
 
+CLASS_SAMPLING = ("rarest_half", "uniform", "inverse_frequency")
+
+
 class PatchSampler:
     """Draws training batches: a share of patches is centred on a foreground voxel.
 
@@ -50,21 +53,40 @@ class PatchSampler:
         batch_size: int,
         foreground_fraction: float = 0.33,
         seed: int = 0,
+        class_sampling: str = "rarest_half",
+        class_frequencies: Sequence[float] | None = None,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
+        if class_sampling not in CLASS_SAMPLING:
+            raise ValueError(
+                f"unknown class sampling {class_sampling!r} (use {', '.join(CLASS_SAMPLING)})"
+            )
+        if class_sampling == "inverse_frequency" and class_frequencies is None:
+            raise ValueError("class_sampling='inverse_frequency' needs class_frequencies")
         self.cases, self.patch, self.region = cases, tuple(patch_size), tuple(region)
         self.batch_size, self.foreground_fraction = batch_size, foreground_fraction
+        self.class_sampling = class_sampling
+        self.class_frequencies = (
+            np.asarray(class_frequencies, dtype=float) if class_frequencies is not None else None
+        )
         self.rng = np.random.default_rng(seed)
+
+    def _pick_class(self, classes: list[int], locations: dict) -> int:
+        if self.class_sampling == "uniform" or len(classes) == 1:
+            return classes[self.rng.integers(len(classes))]
+        if self.class_sampling == "inverse_frequency":
+            f = np.array([self.class_frequencies[c] for c in classes])
+            w = 1.0 / np.maximum(f, 1e-12)
+            return classes[self.rng.choice(len(classes), p=w / w.sum())]
+        if self.rng.random() < 0.5:
+            return min(classes, key=lambda c: len(locations[c]))
+        return classes[self.rng.integers(len(classes))]
 
     def _center(self, case: LoadedCase, force_foreground: bool) -> list[int]:
         shape = case.label.shape
         if force_foreground and case.locations:
-            classes = sorted(case.locations)
-            if len(classes) > 1 and self.rng.random() < 0.5:
-                value = min(classes, key=lambda c: len(case.locations[c]))
-            else:
-                value = classes[self.rng.integers(len(classes))]
+            value = self._pick_class(sorted(case.locations), case.locations)
             coords = case.locations[value]
             point = coords[self.rng.integers(len(coords))]
             # Jitter so the structure is not always in the patch centre.

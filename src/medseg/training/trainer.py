@@ -62,8 +62,9 @@ def choose_device(name: str = "auto") -> torch.device:
 
 
 def build_model(
-    plan: Plan, *, name: str | None = None, deep_supervision: bool = True
+    plan: Plan, *, name: str | None = None, deep_supervision: bool = True, **options
 ) -> torch.nn.Module:
+    """The plan's network (or the registered model ``name``); ``options`` go to its factory."""
     net = plan.network
     return create_model(
         name or net.name,
@@ -75,6 +76,7 @@ def build_model(
         kernel_sizes=net.kernel_sizes,
         residual=net.residual,
         deep_supervision=deep_supervision and net.deep_supervision,
+        **options,
     )
 
 
@@ -245,8 +247,16 @@ def train_fold(
     val_ids: list[str],
     resume: bool = True,
     show_progress: bool = True,
+    on_epoch=None,
 ) -> TrainResult:
-    """Train one fold into ``fold_dir`` (checkpoints, logs, curves); resume from its last checkpoint."""
+    """Train one fold into ``fold_dir`` (checkpoints, logs, curves); resume from its last checkpoint.
+
+    ``on_epoch(row) -> bool``, if given, sees each epoch's log row after the checkpoint
+    is saved; returning True stops training (e.g. a pruned hyper-parameter trial).
+    """
+    from medseg.training.finetune import check_train_config
+
+    check_train_config(config, plan)  # a bad configuration fails before any work
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config, fold_dir / "train_config.json")
@@ -265,12 +275,34 @@ def train_fold(
         else []
     )
     fmt = memory_format(plan.ndim)
-    model = build_model(plan, name=config.model, deep_supervision=config.deep_supervision).to(
-        device
-    )
+    options = {"encoder_weights": config.encoder_weights} if config.encoder_weights else {}
+    model = build_model(
+        plan, name=config.model, deep_supervision=config.deep_supervision, **options
+    ).to(device)
+    freeze: set[str] = set()
+    if config.init_from:  # a resumed run overwrites these weights from its checkpoint below
+        from medseg.training.finetune import frozen_names, load_matching_weights
+
+        transfer = load_matching_weights(model, config.init_from)
+        write_json_atomic(transfer, fold_dir / "init_from.json")
+        freeze = frozen_names(transfer["loaded"], model) if config.freeze_epochs else set()
     model = model.to(memory_format=fmt)
     optimizer = _make_optimizer(model, config)
     weights = list(config.class_weights) if config.class_weights else None
+    frequencies = None
+    if config.class_weighting or config.class_sampling == "inverse_frequency":
+        from medseg.losses.zoo import class_frequencies, class_weights_from_frequencies
+
+        frequencies = class_frequencies([c.label for c in train_cases], plan.num_classes)
+        if config.class_weighting and weights is None:
+            weights = list(
+                class_weights_from_frequencies(frequencies, scheme=config.class_weighting)
+            )
+    distiller = None
+    if config.distill is not None:
+        from medseg.distillation import make_distiller
+
+        distiller = make_distiller(config.distill, plan, device)
     loss_fn = create_loss(config.loss, class_weights=weights).to(device)
     num_outputs = len(model.output_scales) if getattr(model, "deep_supervision", False) else 1
     criterion = DeepSupervisionLoss(loss_fn, num_outputs)
@@ -289,6 +321,8 @@ def train_fold(
         batch_size=batch_size,
         foreground_fraction=plan.foreground_oversampling,
         seed=seed,
+        class_sampling=config.class_sampling,
+        class_frequencies=frequencies,
     )
     augmenter = BatchAugmenter(aug, patch_size=plan.patch_size, seed=seed)
 
@@ -338,6 +372,10 @@ def train_fold(
     try:
         with _stop_on_signal(stop_flag):
             while epoch < config.max_epochs:
+                if freeze:  # fine-tuning: transferred layers wait for the new head
+                    from medseg.training.finetune import set_frozen
+
+                    set_frozen(model, freeze, frozen=epoch < config.freeze_epochs)
                 model.train()
                 losses = []
                 epoch_step_seconds = 0.0
@@ -370,6 +408,8 @@ def train_fold(
                     with torch.autocast(device.type, enabled=use_amp):
                         outputs = model(x)
                         loss = criterion(outputs, y)
+                        if distiller is not None:
+                            loss = distiller(loss, outputs, x)
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -406,6 +446,8 @@ def train_fold(
                     **{f"val_dice_{class_names[c]}": float(v) for c, v in enumerate(per_class, 1)},
                     "iterations_per_second": round(len(losses) / max(epoch_step_seconds, 1e-9), 3),
                 }
+                if distiller is not None:
+                    row["train_distill_kl"] = distiller.epoch_kl()
                 log.add(row)
                 epoch += 1
                 improved = not math.isnan(mean_dice) and mean_dice > best_dice
@@ -447,6 +489,9 @@ def train_fold(
                     break
                 if stop_flag.is_set():
                     stopped_because = "signal"
+                    break
+                if on_epoch is not None and on_epoch(row):
+                    stopped_because = "pruned"
                     break
                 if (
                     config.early_stopping_patience

@@ -1,0 +1,260 @@
+"""Knowledge distillation (KL to the teacher decreases), fine-tuning with --init-from,
+class-imbalance options, and early errors for bad configurations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from zoo_helpers import fake_model_dir, tiny_plan
+
+from medseg import api
+from medseg.distillation import Teacher, distillation_kl
+from medseg.ensembling.members import load_fold_models
+from medseg.errors import MedsegError
+from medseg.io.dataset import load_dataset
+from medseg.planning.plan import read_plan
+from medseg.preprocessing.preprocess import load_preprocessed, preprocessed_folder
+from medseg.serialization import write_json_atomic
+from medseg.training import TrainConfig, build_model, make_folds
+from medseg.transforms import AugmentConfig
+
+FAST = TrainConfig(
+    max_epochs=3,
+    iterations_per_epoch=6,
+    batch_size=2,
+    optimizer="adamw",
+    learning_rate=3e-3,
+    augmentation=AugmentConfig(enabled=False),
+    device="cpu",
+    num_threads=1,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(disk_dataset, tmp_path_factory):
+    """A tiny 2D plan, its splits, and a (randomly initialized) teacher model folder."""
+    root = tmp_path_factory.mktemp("kd")
+    plan = tiny_plan(api.plan(disk_dataset, root / "base", show_progress=False))
+    spec = load_dataset(disk_dataset)
+    splits = make_folds([c.case_id for c in spec.cases], num_folds=2, seed=0)
+    write_json_atomic(spec.to_json(), root / "dataset.json")
+    teacher = fake_model_dir(
+        root / "teacher",
+        plan,
+        folds=(0, 1),
+        seed=7,
+        splits=splits,
+        dataset_json=root / "dataset.json",
+    )
+    return root, plan, teacher, disk_dataset
+
+
+def test_distillation_moves_the_student_towards_the_teacher(setup):
+    root, plan, teacher, dataset = setup
+    work = root / "student"
+    config = replace(FAST, deep_supervision=False)
+    results = api.distill(
+        dataset,
+        work,
+        teachers=[teacher],
+        student="mobile_unet",
+        temperature=2.0,
+        weight=1.0,
+        config=config,
+        show_progress=False,
+    )
+    assert results[0].iterations == 18
+    rows = (work / "model" / "fold_0" / "log.csv").read_text().splitlines()
+    assert "train_distill_kl" in rows[0]
+    report = json.loads((work / "model" / "distill_report.json").read_text())
+    assert report["teacher_networks"] == 2 and report["student_val_dice"] is not None
+    assert report["student_parameters"] < report["teacher_parameters"]
+    assert report["speedup"] > 0
+    # Direct check on held-out data: KL(teacher || student) of the trained student is lower
+    # than that of the same student at initialization.
+    the_plan = read_plan(work / "model")
+    val = load_preprocessed(preprocessed_folder(work, the_plan), make_folds_val(work))
+    x = torch.stack([torch.from_numpy(np.asarray(c.data)[:, :32, :32]) for c in val])
+    _, teachers = load_fold_models(teacher)
+    soft = Teacher(teachers).soft_labels(x, 2.0)
+    torch.manual_seed(FAST.seed + 1000 * 0)
+    initial = build_model(the_plan, name="mobile_unet", deep_supervision=False).eval()
+    _, (trained,) = load_fold_models(work, folds=[0])
+    with torch.no_grad():
+        kl_init = distillation_kl(initial(x), soft, 2.0).item()
+        kl_trained = distillation_kl(trained(x), soft, 2.0).item()
+    assert kl_trained < 0.8 * kl_init
+
+
+def make_folds_val(work: Path) -> list[str]:
+    return json.loads((work / "model" / "splits.json").read_text())[0]["val"]
+
+
+def test_teacher_with_other_labels_fails_before_training(setup, tmp_path):
+    root, plan, _, dataset = setup
+    other = replace(plan, labels=((0, "background"), (1, "disk"), (2, "rim")))
+    bad = fake_model_dir(tmp_path / "bad_teacher", other)
+    with pytest.raises(MedsegError, match="labels"):
+        api.distill(dataset, tmp_path / "w", teachers=[bad], config=FAST, show_progress=False)
+    assert not (tmp_path / "w" / "model").exists()  # nothing trained, nothing preprocessed
+
+
+def test_unknown_architecture_fails_before_training(setup, tmp_path):
+    root, plan, teacher, dataset = setup
+    with pytest.raises(MedsegError, match="unknown architecture 'nope'"):
+        api.distill(
+            dataset,
+            tmp_path / "w",
+            teachers=[teacher],
+            student="nope",
+            config=FAST,
+            show_progress=False,
+        )
+    work = tmp_path / "w2"
+    write_json_atomic(plan, work / "plan.json")
+    for bad, message in (
+        (replace(FAST, model="nope"), "unknown architecture"),
+        (replace(FAST, class_sampling="often"), "unknown class sampling"),
+        (replace(FAST, class_weighting="magic"), "unknown class weighting"),
+        (replace(FAST, init_from=str(tmp_path / "missing")), "no medseg checkpoint"),
+    ):
+        with pytest.raises(MedsegError, match=message):
+            api.train(dataset, work, config=bad, show_progress=False)
+        assert not (work / "model" / "fold_0" / "log.csv").exists()
+
+
+def test_fine_tuning_loads_matching_layers_and_freezes_then_unfreezes(setup, tmp_path):
+    root, plan, _, dataset = setup
+    # A source model trained "on another dataset": three classes, so its heads do not fit.
+    other = replace(plan, labels=((0, "background"), (1, "a"), (2, "b")))
+    source = fake_model_dir(tmp_path / "source", other, seed=11)
+    src = torch.load(source / "fold_0" / "checkpoint_best.pt", weights_only=False)["model"]
+    work = tmp_path / "ft"
+    write_json_atomic(plan, work / "plan.json")
+    config = replace(
+        FAST,
+        max_epochs=1,
+        init_from=str(source),
+        freeze_epochs=1,
+        class_weighting="inverse_sqrt",
+        class_sampling="inverse_frequency",
+    )
+    api.train(dataset, work, config=config, show_progress=False)
+    transfer = json.loads((work / "model" / "fold_0" / "init_from.json").read_text())
+    assert any(k.startswith("heads.") for k in transfer["skipped"])
+    assert "encoder.0.0.0.weight" in transfer["loaded"]
+    state = torch.load(work / "model" / "fold_0" / "checkpoint_last.pt", weights_only=False)[
+        "model"
+    ]
+    # Frozen during the first epoch: the transferred encoder is exactly the source's.
+    assert torch.equal(state["encoder.0.0.0.weight"], src["encoder.0.0.0.weight"])
+    # The new head trained.
+    fresh = build_model(plan, deep_supervision=False).state_dict()["heads.0.weight"]
+    assert state["heads.0.weight"].shape == fresh.shape
+    # One more epoch after the freeze: the encoder moves.
+    api.train(dataset, work, config=replace(config, max_epochs=2), show_progress=False)
+    state2 = torch.load(work / "model" / "fold_0" / "checkpoint_last.pt", weights_only=False)[
+        "model"
+    ]
+    assert not torch.equal(state2["encoder.0.0.0.weight"], src["encoder.0.0.0.weight"])
+
+
+def test_class_sampling_modes_follow_their_rule():
+    from medseg.preprocessing.preprocess import LoadedCase
+    from medseg.training.sampling import PatchSampler
+
+    label = np.zeros((40, 40), dtype=np.uint8)
+    label[:20] = 1
+    label[30:32, 30:32] = 2
+    locs = {c: np.argwhere(label == c) for c in (1, 2)}
+    case = LoadedCase("c", np.zeros((1, 40, 40), np.float32), label, None, locs)
+    freq = [0.5 - 4 / 1600, 0.5, 4 / 1600]
+    counts = {}
+    for mode in ("rarest_half", "uniform", "inverse_frequency"):
+        s = PatchSampler(
+            [case],
+            patch_size=(8, 8),
+            region=(8, 8),
+            batch_size=1,
+            class_sampling=mode,
+            class_frequencies=freq,
+            seed=0,
+        )
+        picks = [s._pick_class([1, 2], locs) for _ in range(2000)]
+        counts[mode] = picks.count(2) / 2000
+    assert counts["uniform"] == pytest.approx(0.5, abs=0.05)
+    assert counts["rarest_half"] == pytest.approx(0.75, abs=0.05)
+    assert counts["inverse_frequency"] == pytest.approx(0.5 / (0.5 + 4 / 1600), abs=0.02)
+
+
+def test_cli_errors_are_exit_code_2(setup, tmp_path):
+    from medseg.cli.main import main
+
+    root, plan, teacher, dataset = setup
+    other = replace(plan, labels=((0, "background"), (1, "disk"), (2, "rim")))
+    bad = fake_model_dir(tmp_path / "bad", other)
+    w = str(tmp_path / "w")
+    assert (
+        main(["--quiet", "distill", str(dataset), "-w", w, "--teacher", str(bad), "--epochs", "1"])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "distill",
+                str(dataset),
+                "-w",
+                w,
+                "--teacher",
+                str(teacher),
+                "--student",
+                "nope",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text("optimizer: {type: categorical, choices: []}\n")
+    assert (
+        main(
+            [
+                "--quiet",
+                "tune",
+                str(dataset),
+                "-w",
+                w,
+                "--space",
+                str(space),
+                "--trials",
+                "1",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "train",
+                str(dataset),
+                "-w",
+                w,
+                "--epochs",
+                "1",
+                "--init-from",
+                str(tmp_path / "missing"),
+            ]
+        )
+        == 2
+    )

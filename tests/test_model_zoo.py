@@ -1,0 +1,132 @@
+"""Contract tests over every registered segmentation model, in each dimension it supports.
+
+Parametrized from the registry, so a newly registered model is covered automatically.
+Models tagged with another task (e.g. registration) have their own contract and are skipped here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.models import create_model, model_info, registered_models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CASES = [
+    (name, ndim)
+    for name in registered_models(task="segmentation")
+    for ndim in model_info(name).dims
+]
+
+
+def tiny_model(name: str, ndim: int, *, deep_supervision: bool = True) -> torch.nn.Module:
+    return create_model(
+        name,
+        ndim=ndim,
+        in_channels=2,
+        num_classes=3,
+        features=(4, 8, 16),
+        strides=[(1,) * ndim, (2,) * ndim, (2,) * ndim],
+        kernel_sizes=[(3,) * ndim] * 3,
+        deep_supervision=deep_supervision,
+        **dict(model_info(name).tiny_options),
+    )
+
+
+@pytest.mark.parametrize(("name", "ndim"), CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def test_forward_backward_shapes_and_finite_gradients(name: str, ndim: int):
+    torch.manual_seed(0)
+    shape = (16, 24) if ndim == 2 else (16, 16, 8)
+    model = tiny_model(name, ndim)
+    x = torch.randn(2, 2, *shape)
+    model.train()
+    out = model(x)
+    outputs = out if isinstance(out, list) else [out]
+    assert outputs[0].shape == (2, 3, *shape)
+    if isinstance(out, list):  # deep supervision: one output per scale the model declares
+        scales = model.output_scales
+        assert len(outputs) == len(scales)
+        for o, scale in zip(outputs, scales):
+            assert o.shape[2:] == tuple(s // f for s, f in zip(shape, scale))
+    sum(o.square().mean() for o in outputs).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, *shape)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", registered_models(task="segmentation"))
+def test_deep_supervision_can_be_switched_off(name: str):
+    ndim = model_info(name).dims[0]
+    model = tiny_model(name, ndim, deep_supervision=False).train()
+    shape = (16, 24) if ndim == 2 else (16, 16, 8)
+    out = model(torch.randn(1, 2, *shape))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 3, *shape)
+    # What the trainer reads to weight deep-supervision outputs.
+    assert not getattr(model, "deep_supervision", False)
+
+
+def test_registry_knows_the_zoo():
+    names = set(registered_models(task="segmentation"))
+    assert {"unet", "resunet", "fcn", "attention_unet", "mobile_unet", "swinunetr"} <= names
+    assert model_info("unet").task == "segmentation"
+    with pytest.raises(KeyError, match="unknown model"):
+        model_info("nope")
+
+
+def test_mobile_model_is_much_smaller_than_the_unet():
+    kw = dict(ndim=3, in_channels=1, num_classes=3, features=(32, 64, 128, 256))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(create_model("mobile_unet", **kw)) * 10 < count(create_model("unet", **kw))
+
+
+def test_attention_gates_weight_the_skips():
+    model = tiny_model("attention_unet", 2).eval()
+    gate = model.gates[0]
+    skip, g = torch.randn(1, 8, 8, 12), torch.randn(1, 16, 4, 6)
+    with torch.no_grad():
+        alpha = gate.psi(torch.relu(gate.theta(skip) + gate.phi(g)))
+    assert alpha.shape == (1, 1, 4, 6) and (alpha > 0).all() and (alpha < 1).all()
+
+
+@pytest.mark.parametrize(("name", "ndim"), CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def test_trainer_can_build_every_model_from_a_plan(name: str, ndim: int):
+    """The exact call the trainer and predictor make (plan's residual flag included)."""
+    from medseg.planning.plan import NetworkPlan, Plan
+    from medseg.training import build_model
+
+    plan = Plan(
+        dataset_name="t",
+        ndim=ndim,
+        configuration=f"{ndim}d",
+        channel_names=("ct",),
+        labels=((0, "background"), (1, "a")),
+        target_spacing=(1.0,) * ndim,
+        normalization=(),
+        patch_size=(16,) * ndim,
+        batch_size=2,
+        network=NetworkPlan(
+            name=name,
+            features=(4, 8),
+            strides=((1,) * ndim, (2,) * ndim),
+            kernel_sizes=((3,) * ndim,) * 2,
+            residual=True,
+        ),
+        median_shape=(16,) * ndim,
+    )
+    model = build_model(plan, deep_supervision=False, **dict(model_info(name).tiny_options))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, *(16,) * ndim)).shape == (1, 2, *(16,) * ndim)
