@@ -295,3 +295,13 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
     assert bf16.dtype == torch.float32  # accumulated in float32 whatever the network ran in
     assert (fp32 - bf16).abs().max() < 0.05
     assert (fp32.argmax(0) == bf16.argmax(0)).float().mean() > 0.97
+
+
+def test_collect_inputs_names_an_empty_or_missing_folder(tmp_path):
+    from medseg.errors import MedsegError
+    from medseg.inference.predictor import collect_inputs
+
+    with pytest.raises(MedsegError, match="empty folder"):
+        collect_inputs(tmp_path)
+    with pytest.raises(MedsegError, match="not found"):
+        collect_inputs(tmp_path / "missing")

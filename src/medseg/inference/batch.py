@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,14 +103,22 @@ def predict_batch(
         One record per case predicted in this run (also merged into ``predictions.json``).
     """
     output_dir = Path(output_dir)
+    # inputs first, so that a wrong input path leaves no empty output folder behind
+    groups = group_inputs(collect_inputs(input_path), predictor.plan.num_channels)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
-    groups = group_inputs(collect_inputs(input_path), predictor.plan.num_channels)
     jobs = []
     for case_id, files in groups.items():
         out_path = _output_path(case_id, files, output_dir, output_format)
         if overwrite or not out_path.exists():
             jobs.append((case_id, files, out_path))
+    skipped = len(groups) - len(jobs)
+    if skipped and show_progress:
+        print(
+            f"{skipped} case(s) already predicted in {output_dir}: skipped "
+            "(use --overwrite to predict them again)",
+            file=sys.stderr,
+        )
     workers = max(1, int(num_workers))
 
     def load(files: list[Path]) -> tuple[Image, np.ndarray, CaseGeometry]:

@@ -457,6 +457,8 @@ def collect_inputs(input_path: str | os.PathLike) -> list[Path]:
     subdirs = [p for p in sorted(path.iterdir()) if p.is_dir()]
     if subdirs:  # a folder of DICOM series folders
         return subdirs
+    if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+        raise MedsegError(f"{path}: empty folder (no image files or DICOM series)")
     return [path]  # a DICOM series folder itself
 
 
