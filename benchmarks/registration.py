@@ -7,9 +7,9 @@ Stages (run in this order; ``all`` runs the three benchmark stages)::
     python benchmarks/registration.py hippocampus  # 20 fixed pairs: affine, B-spline, demons, learned, ANTs SyN
     python benchmarks/registration.py atlas        # 5-atlas majority vote on 20 targets vs the deep model
 
-Notes: the CPU (2 cores) is shared with four other engineers' jobs during these runs; every
-result JSON records ``os.getloadavg()`` at start and end (load 5-10 here). Everything runs
-single-threaded (SimpleITK, torch, ANTs): on a busy core one thread was faster than two.
+Notes: every result JSON records ``os.getloadavg()`` at start and end. ``--eval-threads`` sets
+the same thread count for SimpleITK, torch and ANTs (default 1, for a machine shared with other
+jobs, where one thread was faster than two; the itk and atlas results ran so, at load 5-10).
 Timings are medians per pair; ratios are taken within one run.
 
 Results (2026-11-22, Xeon with AMX, 2 shared cores):
@@ -19,15 +19,16 @@ Results (2026-11-22, Xeon with AMX, 2 shared cores):
   fixed mask), 0.021 deg (T1-PD, MI), 0.0009 deg (R10X13Y17); similarity: rotation 0.001 deg, scale
   0.008 %. All goals met, 1.7-10 s per registration. Without the mask the Rotated10 pair gives
   0.18 deg: that moving image is filled with 100 outside the rotated field of view.
-- Hippocampus, 20 pairs (registration_hippocampus.json), median Dice / HD95 / time per pair:
-  centred only 0.554 / 3.73 mm; affine 0.670 / 3.22 mm / 1.49 s; B-spline 0.646 / 3.08 mm / 3.53 s;
-  demons 0.734 / 2.68 mm / 3.53 s (best classical); ANTs SyN 0.701 / 3.42 mm / 1.90 s;
-  learned 0.791 / 2.00 mm / 0.211 s (fp32) and 0.085 s (bf16, same Dice). Folding: 0 % for every
-  method and pair. Goals: Dice >= best classical met (0.791 vs 0.734); folding < 0.1 % met (0 %);
-  >= 20x faster: fp32 16.7x (missed; 18.2x in an earlier run), bf16 41.5x (met). ANTs SyN failed
-  on pair 8 in this run (Dice 0; 0.643 in two earlier runs with the same inputs: its random seed
-  was 0, now 1); its median barely moves. std log|J| is higher for the learned model (0.43) than
-  for demons (0.26) and SyN (0.19): the Dice term buys overlap with stronger local deformation.
+- Hippocampus, 20 pairs (registration_hippocampus.json; last run on an idle machine with
+  ``--eval-threads 2``), median Dice / HD95 / time per pair: centred only 0.554 / 3.73 mm; affine
+  0.670 / 3.22 mm / 0.56 s; B-spline 0.646 / 3.08 mm / 1.12 s; demons 0.734 / 2.68 mm / 1.20 s (best
+  classical); ANTs SyN 0.699 / 3.50 mm / 0.63 s; learned 0.791 / 2.00 mm / 0.069 s (fp32) and
+  0.036 s (bf16, same Dice). Folding: 0 % for every method and pair (one ANTs SyN pair failed).
+  Goals: Dice >= best classical met (0.791 vs 0.734); folding < 0.1 % met (0 %); >= 20x faster:
+  fp32 17.5x (missed; 16.7x and 17.4x in single-thread runs under load and idle), bf16 33.6x (met;
+  41.5x single-threaded). Per pair the fp32 time is 62 % network, 17 % velocity integration,
+  12 % canvas resampling. std log|J| is higher for the learned model (0.43) than for demons
+  (0.26): the Dice term buys overlap with stronger local deformation.
 - Atlas (registration_atlas.json): 5 atlases, demons, 20 targets: majority vote Dice mean 0.802
   (median 0.819, HD95 1.71 mm), locally weighted vote 0.814, a single atlas 0.743; the deep 3D
   U-Net (benchmarks/results/hippocampus.json) has 0.872 on the same 20 targets. 13 s per target.
@@ -87,15 +88,20 @@ def stage_train(args: argparse.Namespace) -> None:
     )
 
 
+EVAL_THREADS = [1]  # set from --eval-threads in main()
+
+
 def _single_thread() -> None:
-    """One thread everywhere (SimpleITK, torch, ANTs): the 2 cores are shared with other jobs,
-    and on a busy core multi-threaded ITK/OpenMP runs slower than one thread."""
+    """The same thread count everywhere (SimpleITK, torch, ANTs). Default 1: on cores shared
+    with other jobs multi-threaded ITK/OpenMP runs slower than one thread; on an idle machine
+    use --eval-threads 2 (all cores) for every method alike."""
     import SimpleITK as sitk
     import torch
 
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    torch.set_num_threads(1)
+    n = EVAL_THREADS[0]
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    torch.set_num_threads(n)
 
 
 def _median(values):
@@ -433,10 +439,11 @@ def stage_hippocampus(args: argparse.Namespace) -> None:
                 "stage (their times include it). 'learned' is semi-supervised (NCC + smoothness + Dice on "
                 "training labels), trained 30 min on one CPU thread (see registration_train.json); its time "
                 "is canvas resampling + forward pass + building the ITK transform. 'learned_bf16' is the same model with the U-Net under bfloat16 autocast (this Xeon has AMX-BF16; the velocity is integrated in fp32). ANTs SyN: ants.registration "
-                "type_of_transform='SyN' (affine + SyN, defaults). Everything single-threaded; the 2 CPU cores "
-                "were shared with four other engineers' jobs, so absolute times are inflated (load averages "
-                "below), ratios within this run are comparable. Dice/HD95: mean over labels 1 and 2."
+                "type_of_transform='SyN' (affine + SyN, defaults). Every method runs with the same thread "
+                "count ('eval_threads'); see the load averages for other jobs on the machine. Dice/HD95: "
+                "mean over labels 1 and 2."
             ),
+            "eval_threads": EVAL_THREADS[0],
             "ants_available": have_ants,
             "machine": machine(),
             "load_average_start": load0,
@@ -570,10 +577,14 @@ def main() -> None:
     parser.add_argument("stage", choices=["train", "itk", "hippocampus", "atlas", "all"])
     parser.add_argument("--budget", type=float, default=30.0, help="training minutes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--eval-threads", type=int, default=1, help="threads of every method when evaluating"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (itk)")
     parser.add_argument("--pairs", type=int, default=20, help="pairs/targets to run")
     parser.add_argument("--atlas-method", default="demons", help="registration for atlases")
     args = parser.parse_args()
+    EVAL_THREADS[0] = args.eval_threads
     stages = {
         "train": stage_train,
         "itk": stage_itk,
