@@ -27,13 +27,14 @@ Parts (results in benchmarks/results/inference.json):
   no nnU-Net model with 10+ classes here, and the 3-class hippocampus model at 1 mm would
   need thousands of tiles on this volume (hours on 2 CPU cores).
 
-Latest results (2 shared cores, one round: --rounds 1): hippocampus, nnU-Net default 5.56 s/case
-(Dice 0.840); medseg ONNX 0.72 s (7.7x, Dice 0.864), static int8 0.36 s (15.6x, 0.864), PyTorch
-without TTA 1.00 s (5.5x, 0.864), with TTA 3.46 s (1.6x, 0.866). MONAI: fp32 0.91-0.93x (the
-network is > 90 % of the time for both), bf16 1.8x on the CT. Big CT: 54 s, 2.2 GB peak RSS.
+Latest results (2 cores, idle machine, --rounds 2): hippocampus, nnU-Net default 3.52 s/case
+(Dice 0.840); medseg PyTorch with TTA 0.60 s (5.9x, Dice 0.866), without TTA 0.19 s (18.5x,
+0.864), bf16 0.11 s (31x), ONNX 0.25 s (13.9x), static int8 0.20 s (17.5x, 0.864). MONAI: fp32
+0.91-0.97x (the network is > 90 % of the time for both), bf16 2.5-4.0x. Big CT (earlier run, load
+3-8): 54 s, 2.2 GB peak RSS.
 
-Other engineers load the same 2 cores while this runs: the load average at start and end
-is in the JSON, and only ratios measured in the same run should be compared.
+The load average at start and end is in the JSON: compare only ratios measured in the same
+run, on a machine that runs nothing else.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ def main() -> None:
         write_result(data, args.out)
     data["load_average_end"] = os.getloadavg()
     data["note"] = (
-        "2 CPU cores shared with four other engineers' jobs; compare ratios within a part."
+        "compare ratios within a part; see the load averages for other jobs on the machine."
     )
     write_result(data, args.out)
     print(json.dumps({k: v for k, v in data.items() if k != "machine"}, indent=1)[:4000])
