@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medseg.models.registry import register_model
-from medseg.models.unet import _conv, _norm, _padding
+from medseg.models.unet import _conv, _norm, _padding, deep_supervision_scales, encode_decode
 
 
 class SeparableBlock(nn.Module):
@@ -116,27 +116,11 @@ class MobileUNet(nn.Module):
             self.heads.append(conv(widths[level - 1], num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        x = self.stem(x)
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        outputs = []
-        for up, dec, head in zip(self.upsample, self.decoder, self.heads):
-            x = dec(torch.cat((up(x), skips.pop()), dim=1))
-            outputs.append(head(x))
-        if self.deep_supervision and self.training:
-            return outputs[::-1]
-        return outputs[-1]
+        return encode_decode(self, self.stem(x))
 
     @property
     def output_scales(self) -> list[tuple[int, ...]]:
-        scales, current = [], [1] * self.ndim
-        for s in self.strides[:-1]:
-            current = [c * x for c, x in zip(current, s)]
-            scales.append(tuple(current))
-        return scales
+        return deep_supervision_scales(self.strides, self.ndim)
 
 
 @register_model("mobile_unet")

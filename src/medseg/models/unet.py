@@ -127,27 +127,39 @@ class UNet(nn.Module):
             self.heads.append(conv(features[level - 1], num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        outputs = []
-        for up, dec, head in zip(self.upsample, self.decoder, self.heads):
-            x = dec(torch.cat((up(x), skips.pop()), dim=1))
-            outputs.append(head(x))
-        if self.deep_supervision and self.training:
-            return outputs[::-1]
-        return outputs[-1]
+        return encode_decode(self, x)
 
     @property
     def output_scales(self) -> list[tuple[int, ...]]:
         """Downsampling factor of each deep-supervision output, full resolution first."""
-        scales, current = [], [1] * self.ndim
-        for s in self.strides[:-1]:
-            current = [c * x for c, x in zip(current, s)]
-            scales.append(tuple(current))
-        return scales
+        return deep_supervision_scales(self.strides, self.ndim)
+
+
+def encode_decode(model: nn.Module, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """The U-shaped pass shared by U-Net variants: ``model.encoder`` stages, then
+    ``upsample``/``decoder``/``heads`` per level with skip concatenation. Training with deep
+    supervision returns every head's output, full resolution first."""
+    skips = []
+    for stage in model.encoder:
+        x = stage(x)
+        skips.append(x)
+    x = skips.pop()
+    outputs = []
+    for up, dec, head in zip(model.upsample, model.decoder, model.heads):
+        x = dec(torch.cat((up(x), skips.pop()), dim=1))
+        outputs.append(head(x))
+    if model.deep_supervision and model.training:
+        return outputs[::-1]
+    return outputs[-1]
+
+
+def deep_supervision_scales(strides: Sequence[Sequence[int]], ndim: int) -> list[tuple[int, ...]]:
+    """Cumulative downsampling factor of each decoder level, full resolution first."""
+    scales, current = [], [1] * ndim
+    for s in strides[:-1]:
+        current = [c * x for c, x in zip(current, s)]
+        scales.append(tuple(current))
+    return scales
 
 
 @register_model("unet")
