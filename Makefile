@@ -5,7 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+# NiiVue's self-contained bundle for the service's viewer is built from npm, not tracked in git.
+VIEWER := src/medseg/serve/static/niivue.umd.js
+
+$(VIEWER):
+	scripts/build_viewer.sh || echo "warning: no npm: medseg serve will run without its viewer" >&2
+
+$(BIN)/.installed: pyproject.toml constraints.txt | $(VIEWER)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins the CPU build of torch, so nothing pulls a multi-GB CUDA build

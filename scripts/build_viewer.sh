@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh the vendored NiiVue bundle from npm (the Python package ships the built files).
+# Build the NiiVue bundle from npm (git ignores it; `make` runs this; the package ships it).
 #   scripts/build_viewer.sh [VERSION]     default 0.69.0
 set -euo pipefail
 version=${1:-0.69.0}

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import asynccontextmanager
 from enum import Enum
 from importlib import resources
@@ -570,6 +571,11 @@ def create_app(
         return FileResponse(path, media_type=media, filename=f"{job.id}_{filename}")
 
     static = resources.files("medseg.serve").joinpath("static")
+    if not static.joinpath("niivue.umd.js").is_file():
+        warnings.warn(
+            "the viewer's NiiVue bundle is missing: run scripts/build_viewer.sh (needs npm)",
+            stacklevel=2,
+        )
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
     @app.get("/", include_in_schema=False)
