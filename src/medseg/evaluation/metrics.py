@@ -441,6 +441,12 @@ def compute_metrics(
     return out
 
 
+def _one_metric(name: str, pred: np.ndarray, ref: np.ndarray, **options) -> dict[int, float]:
+    """One column of :func:`compute_metrics` per class."""
+    rows = compute_metrics(pred, ref, **options)
+    return {value: float(row[name]) for value, row in rows.items()}
+
+
 def compute_hausdorff(
     pred: np.ndarray,
     ref: np.ndarray,
@@ -455,10 +461,9 @@ def compute_hausdorff(
     ``percentile=95`` gives HD95 (area-weighted, per direction, then the larger).
     Empty masks: NaN under ``empty="nan"``, see the module docstring.
     """
-    rows = compute_metrics(
-        pred, ref, labels=labels, spacing=spacing, percentile=percentile, empty=empty
+    return _one_metric(
+        "hd95", pred, ref, labels=labels, spacing=spacing, percentile=percentile, empty=empty
     )
-    return {value: float(row["hd95"]) for value, row in rows.items()}
 
 
 def compute_hd95(
@@ -484,8 +489,7 @@ def compute_assd(
     empty: str = "nan",
 ) -> dict[int, float]:
     """Average symmetric surface distance in mm per class (both surfaces pooled, area-weighted)."""
-    rows = compute_metrics(pred, ref, labels=labels, spacing=spacing, empty=empty)
-    return {value: float(row["assd"]) for value, row in rows.items()}
+    return _one_metric("assd", pred, ref, labels=labels, spacing=spacing, empty=empty)
 
 
 def compute_masd(
@@ -497,8 +501,7 @@ def compute_masd(
     empty: str = "nan",
 ) -> dict[int, float]:
     """Mean average surface distance in mm per class (mean of the two directed means)."""
-    rows = compute_metrics(pred, ref, labels=labels, spacing=spacing, empty=empty)
-    return {value: float(row["masd"]) for value, row in rows.items()}
+    return _one_metric("masd", pred, ref, labels=labels, spacing=spacing, empty=empty)
 
 
 def compute_nsd(
@@ -511,10 +514,9 @@ def compute_nsd(
     empty: str = "nan",
 ) -> dict[int, float]:
     """Normalized surface Dice at ``tolerance_mm`` per class (surface-distance's surface Dice)."""
-    rows = compute_metrics(
-        pred, ref, labels=labels, spacing=spacing, tolerance_mm=tolerance_mm, empty=empty
+    return _one_metric(
+        "nsd", pred, ref, labels=labels, spacing=spacing, tolerance_mm=tolerance_mm, empty=empty
     )
-    return {value: float(row["nsd"]) for value, row in rows.items()}
 
 
 def compute_boundary_iou(
@@ -527,10 +529,15 @@ def compute_boundary_iou(
     empty: str = "nan",
 ) -> dict[int, float]:
     """Boundary IoU per class: IoU of the inner bands ``width_mm`` wide (Cheng et al. 2021)."""
-    rows = compute_metrics(
-        pred, ref, labels=labels, spacing=spacing, boundary_width_mm=width_mm, empty=empty
+    return _one_metric(
+        "boundary_iou",
+        pred,
+        ref,
+        labels=labels,
+        spacing=spacing,
+        boundary_width_mm=width_mm,
+        empty=empty,
     )
-    return {value: float(row["boundary_iou"]) for value, row in rows.items()}
 
 
 def compute_overlap(

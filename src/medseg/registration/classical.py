@@ -154,6 +154,35 @@ def _run(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Imag
         ) from None
 
 
+def _new_registration(
+    fixed: Image,
+    *,
+    metric: str,
+    histogram_bins: int,
+    sampling_fraction: float | str | None,
+    seed: int,
+    fixed_mask: Image | None,
+    moving_mask: Image | None,
+) -> sitk.ImageRegistrationMethod:
+    """A registration method with its metric, sampling, masks and linear interpolation set."""
+    reg = sitk.ImageRegistrationMethod()
+    _set_metric(reg, metric, histogram_bins)
+    if sampling_fraction == "auto":
+        sampling_fraction = None if fixed.ndim == 2 else 0.25
+    if sampling_fraction is None:
+        reg.SetMetricSamplingStrategy(reg.NONE)
+    else:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(float(sampling_fraction), _sitk_seed(seed))
+    fm, mm = _mask(fixed_mask, "fixed mask"), _mask(moving_mask, "moving mask")
+    if fm is not None:
+        reg.SetMetricFixedMask(fm)
+    if mm is not None:
+        reg.SetMetricMovingMask(mm)
+    reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
 def register_linear(
     fixed: Image,
     moving: Image,
@@ -186,21 +215,15 @@ def register_linear(
         tx = type(init)(init)  # a copy: the optimizer works in place
     else:
         tx = initial_transform(fixed, moving, method=method, init=init)
-    reg = sitk.ImageRegistrationMethod()
-    _set_metric(reg, metric, histogram_bins)
-    if sampling_fraction == "auto":
-        sampling_fraction = None if fixed.ndim == 2 else 0.25
-    if sampling_fraction is None:
-        reg.SetMetricSamplingStrategy(reg.NONE)
-    else:
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(float(sampling_fraction), _sitk_seed(seed))
-    fm, mm = _mask(fixed_mask, "fixed mask"), _mask(moving_mask, "moving mask")
-    if fm is not None:
-        reg.SetMetricFixedMask(fm)
-    if mm is not None:
-        reg.SetMetricMovingMask(mm)
-    reg.SetInterpolator(sitk.sitkLinear)
+    reg = _new_registration(
+        fixed,
+        metric=metric,
+        histogram_bins=histogram_bins,
+        sampling_fraction=sampling_fraction,
+        seed=seed,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+    )
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0,
         minStep=min_step,
@@ -272,21 +295,15 @@ def register_bspline(
     # final mesh from the spacing; the coarse levels use 1/2, 1/4 ... of it
     mesh = [max(1, int(round(e / spacing / 2 ** (len(shrink) - 1)))) for e in extent]
     ffd = sitk.BSplineTransformInitializer(_float(fixed), mesh, order=3)
-    reg = sitk.ImageRegistrationMethod()
-    _set_metric(reg, metric, histogram_bins)
-    if sampling_fraction == "auto":
-        sampling_fraction = None if fixed.ndim == 2 else 0.25
-    if sampling_fraction is None:
-        reg.SetMetricSamplingStrategy(reg.NONE)
-    else:
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(float(sampling_fraction), _sitk_seed(seed))
-    fm, mm = _mask(fixed_mask, "fixed mask"), _mask(moving_mask, "moving mask")
-    if fm is not None:
-        reg.SetMetricFixedMask(fm)
-    if mm is not None:
-        reg.SetMetricMovingMask(mm)
-    reg.SetInterpolator(sitk.sitkLinear)
+    reg = _new_registration(
+        fixed,
+        metric=metric,
+        histogram_bins=histogram_bins,
+        sampling_fraction=sampling_fraction,
+        seed=seed,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+    )
     reg.SetOptimizerAsLBFGS2(
         solutionAccuracy=1e-2, numberOfIterations=int(iterations), deltaConvergenceTolerance=0.01
     )
