@@ -59,7 +59,7 @@ def test_two_model_ensemble_equals_hand_computed_mean(two_models, tmp_path):
     case = spec.cases[0]
     channels = read_case_image(spec, case)
     # Reference path: the public Predictor's probabilities of each model, averaged by hand.
-    pa, pb = (Predictor(m, folds=[0], device="cpu") for m in (a, b))
+    pa, pb = (Predictor(m, folds=[0], device="cpu", precision="fp32") for m in (a, b))
     data, geometry = preprocess_image(channels, pa.plan)
     expected = (pa.probabilities(data) + pb.probabilities(data)) / 2
     if tuple(expected.shape[1:]) != geometry.cropped_shape:

@@ -46,7 +46,9 @@ def test_dynamic_int8_is_quantized_and_close(exported):
 def test_onnx_backend_predicts_like_pytorch(exported, tmp_path):
     model_dir, _ = exported
     image = read_image(write_cases(tmp_path / "in", 1, shape=(21, 19, 18)) / "case_00.nii.gz")
-    torch_label = Predictor(model_dir, device="cpu").predict([image], mirror_axes=(0,))
+    torch_label = Predictor(model_dir, device="cpu", precision="fp32").predict(
+        [image], mirror_axes=(0,)
+    )
     onnx_label = Predictor(model_dir, backend="onnx").predict([image], mirror_axes=(0,))
     assert (torch_label.array == onnx_label.array).mean() >= 0.999
     int8 = Predictor(model_dir, backend="onnx-int8").predict([image])

@@ -305,3 +305,19 @@ def test_collect_inputs_names_an_empty_or_missing_folder(tmp_path):
         collect_inputs(tmp_path)
     with pytest.raises(MedsegError, match="not found"):
         collect_inputs(tmp_path / "missing")
+
+
+def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from medseg.inference import predictor as module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(module, "native_cpu_bf16", lambda: True)
+    assert module.resolve_precision("auto", backend="torch", device=cpu) == "bf16"
+    assert module.resolve_precision("auto", backend="onnx", device=cpu) == "fp32"
+    assert module.resolve_precision("auto", backend="torch", device=cuda) == "fp32"
+    assert module.resolve_precision("fp32", backend="torch", device=cpu) == "fp32"
+    monkeypatch.setattr(module, "native_cpu_bf16", lambda: False)
+    assert module.resolve_precision("auto", backend="torch", device=cpu) == "fp32"
+    assert module.resolve_precision("bf16", backend="torch", device=cpu) == "bf16"
+    with pytest.raises(MedsegError, match="unknown precision"):
+        module.resolve_precision("fp8", backend="torch", device=cpu)

@@ -87,10 +87,22 @@ def test_registry_knows_the_zoo():
         model_info("nope")
 
 
-def test_mobile_model_is_much_smaller_than_the_unet():
+def test_mobile_model_is_the_plan_unet_at_half_width_with_batch_norm():
     kw = dict(ndim=3, in_channels=1, num_classes=3, features=(32, 64, 128, 256))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(create_model("mobile_unet", **kw)) * 10 < count(create_model("unet", **kw))
+    student, teacher = create_model("mobile_unet", **kw), create_model("unet", **kw)
+    # Half the widths: about a quarter of the weights.
+    assert 3.5 * count(student) < count(teacher) < 4.5 * count(student)
+    norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert norms and not any(isinstance(m, torch.nn.GroupNorm) for m in student.modules())
+    assert student.encoder[0][0][0].out_channels == 16
+    with pytest.raises(ValueError, match="width"):
+        create_model("mobile_unet", **kw, width=0)
+
+
+def test_unknown_norm_is_refused():
+    with pytest.raises(ValueError, match="unknown norm"):
+        create_model("unet", ndim=2, in_channels=1, num_classes=2, norm="layer")
 
 
 def test_attention_gates_weight_the_skips():

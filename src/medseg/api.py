@@ -58,6 +58,7 @@ __all__ = [
     "plan",
     "predict",
     "preprocess",
+    "prune",
     "read_dicom",
     "register",
     "run",
@@ -303,7 +304,7 @@ def predict(
     num_workers: int = 2,
     uncertainty: bool = False,
     postprocess: bool = True,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> list[Prediction]:
     """Predict a file, a folder of files or a DICOM series; outputs keep the input geometry.
 
@@ -312,7 +313,8 @@ def predict(
     exported by :func:`export` with onnxruntime. ``uncertainty`` also writes
     ``<case>_entropy.nii.gz``; ``postprocess`` applies the model folder's
     ``postprocessing.json`` (see :func:`select_postprocessing`). ``precision``
-    "bf16" runs PyTorch on CPU under bfloat16 autocast. Reading, the
+    "bf16" runs PyTorch on CPU under bfloat16 autocast; "auto" (default) does so
+    where the CPU has native bfloat16 (AMX/AVX512-BF16), "fp32" never. Reading, the
     network and writing overlap (``num_workers`` reader threads); finished cases
     are skipped, so a killed run resumes.
     """
@@ -761,6 +763,22 @@ def export(
     )
 
 
+def prune(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    keep: float = 0.5,
+    overwrite: bool = False,
+) -> dict:
+    """Structured pruning: a new model folder whose U-Net keeps ``keep`` of every stage's
+    channels (largest filter L1 norms). Fine-tune it with :func:`train` and
+    ``TrainConfig(init_from=output_dir)`` on its ``plan.json`` (see
+    :mod:`medseg.export.prune`)."""
+    from medseg.export.prune import prune_model_dir
+
+    return prune_model_dir(_model_folder(model_dir), output_dir, keep=keep, overwrite=overwrite)
+
+
 def select_postprocessing(
     model_dir: str | os.PathLike,
     *,
@@ -927,6 +945,7 @@ def distill(
     student: str = "mobile_unet",
     temperature: float = 2.0,
     weight: float = 0.5,
+    feature_weight: float = 0.0,
     config: TrainConfig | None = None,
     folds: list[int] | None = None,
     split_file: str | os.PathLike | None = None,
@@ -936,6 +955,8 @@ def distill(
     """Train ``student`` in ``work_dir`` on soft labels of ``teachers`` (model folders; all
     their folds are averaged) plus the supervised loss. The student uses the first
     teacher's plan unless ``work_dir`` has one, so both see the same inputs.
+    ``feature_weight > 0`` adds feature distillation on every decoder level (U-Net-style
+    student and teachers; see :class:`medseg.training.config.DistillConfig`).
     ``work_dir/model/distill_report.json`` compares student and teacher (Dice, speed)."""
     from medseg.distillation import distill_config_for
     from medseg.training.finetune import check_train_config
@@ -948,6 +969,7 @@ def distill(
         student=student,
         temperature=temperature,
         weight=weight,
+        feature_weight=feature_weight,
         config=config,
         labels=spec.labels,
     )

@@ -1,4 +1,4 @@
-"""Commands of the deploy group: ``medseg export``, ``medseg postprocess`` and the fast-inference
+"""Commands of the deploy group: ``medseg export``, ``medseg prune``, ``medseg postprocess`` and the fast-inference
 options of ``medseg predict`` (backend, TTA axes, workers, uncertainty, recorded postprocessing)."""
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_export)
 
     p = sub.add_parser(
+        "prune", help="structured channel pruning of a trained U-Net into a new model folder"
+    )
+    p.add_argument("model", help="model folder (or a work folder holding model/)")
+    p.add_argument("-o", "--output", required=True, help="folder of the pruned model")
+    p.add_argument(
+        "--keep", type=float, default=0.5, help="fraction of each stage's channels kept (0..1]"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_prune)
+
+    p = sub.add_parser(
         "postprocess",
         help="choose postprocessing on the validation folds and record it in the model folder",
     )
@@ -62,9 +73,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )
         g.add_argument(
             "--precision",
-            choices=["fp32", "bf16"],
-            default="fp32",
-            help="bf16: bfloat16 autocast on CPU (PyTorch backend; fast with AMX/AVX512-BF16)",
+            choices=["auto", "fp32", "bf16"],
+            default="auto",
+            help="bf16: bfloat16 autocast on CPU (PyTorch backend; fast with AMX/AVX512-BF16);"
+            " auto: bf16 where the CPU has it natively, else fp32",
         )
         g.add_argument(
             "--workers", type=int, default=2, help="reader threads that prepare cases ahead"
@@ -106,6 +118,14 @@ def run_export(args: argparse.Namespace, settings: Settings, show_progress: bool
         overwrite=args.overwrite,
     )
     print(json.dumps(to_jsonable(report), indent=2))
+    return 0
+
+
+def run_prune(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    from medseg import api
+
+    report = api.prune(args.model, args.output, keep=args.keep, overwrite=args.overwrite)
+    print(json.dumps(report, indent=2))
     return 0
 
 

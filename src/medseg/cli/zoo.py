@@ -76,6 +76,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", default="mobile_unet", help="registered architecture")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--distill-weight", type=float, default=0.5, help="share of the KL term (0..1)")
+    p.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="weight of feature distillation on the decoder levels (0: off)",
+    )
     _add_train_options(p)
     p.set_defaults(handler=run_distill)
 
@@ -163,6 +169,7 @@ def run_distill(args: argparse.Namespace, settings: Settings, show_progress: boo
         student=args.student,
         temperature=args.temperature,
         weight=args.distill_weight,
+        feature_weight=args.feature_weight,
         config=config,
         folds=_resolve_folds(args.folds, config.num_folds),
         split_file=args.split,

@@ -10,29 +10,109 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.errors import MedsegError
 from medseg.planning.plan import Plan
 from medseg.training.config import DistillConfig
+
+
+class DecoderTap:
+    """Keeps the output of every ``model.decoder`` level of the last forward pass.
+
+    Works for any model with a ``decoder`` module list (the U-Net family), coarse level
+    first, as the decoder runs.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        decoder = getattr(model, "decoder", None)
+        if not isinstance(decoder, nn.ModuleList) or not len(decoder):
+            raise MedsegError(
+                f"feature distillation needs a U-Net-style decoder; {name} "
+                f"({type(model).__name__}) has none"
+            )
+        self.features: list[torch.Tensor | None] = [None] * len(decoder)
+        for level, module in enumerate(decoder):
+            module.register_forward_hook(self._keep(level))
+
+    def _keep(self, level: int):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self.features[level] = output
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        """The features of the last pass (then forgotten, so they hold no memory)."""
+        features, self.features = self.features, [None] * len(self.features)
+        if any(f is None for f in features):
+            raise RuntimeError("decoder features missing: the forward pass skipped a level")
+        return features  # type: ignore[return-value]
 
 
 class Teacher(nn.Module):
     """Mean of the tempered softmax of several networks (all folds of all teacher folders)."""
 
-    def __init__(self, models: list[nn.Module]) -> None:
+    def __init__(self, models: list[nn.Module], *, tap_decoders: bool = False) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
         for p in self.parameters():
             p.requires_grad_(False)
+        self.taps = (
+            [DecoderTap(m, f"teacher network {i}") for i, m in enumerate(models)]
+            if tap_decoders
+            else []
+        )
+        self.features: list[list[torch.Tensor]] = []
 
     @torch.no_grad()
     def soft_labels(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Mean tempered softmax; with decoder taps, ``self.features`` then holds each
+        network's decoder features of this pass."""
         self.eval()
         total = None
-        for model in self.models:
+        self.features = []
+        for i, model in enumerate(self.models):
             y = model(x)
             y = y[0] if isinstance(y, (list, tuple)) else y
             p = torch.softmax(y.float() / temperature, dim=1)
             total = p if total is None else total + p
+            if self.taps:
+                self.features.append(self.taps[i].take())
         return total / len(self.models)
+
+
+class FeatureAdapters(nn.Module):
+    """One 1x1 convolution per (teacher network, decoder level): student channels to the
+    teacher's (FitNets, Romero et al. 2015). Trained with the student, dropped after."""
+
+    def __init__(
+        self, student: list[torch.Tensor], teachers: list[list[torch.Tensor]], ndim: int
+    ) -> None:
+        super().__init__()
+        conv = nn.Conv3d if ndim == 3 else nn.Conv2d
+        self.maps = nn.ModuleList()
+        for t, levels in enumerate(teachers):
+            if len(levels) != len(student):
+                raise MedsegError(
+                    f"feature distillation: teacher network {t} has {len(levels)} decoder "
+                    f"levels, the student {len(student)}"
+                )
+            for level, (s, f) in enumerate(zip(student, levels)):
+                if s.shape[2:] != f.shape[2:]:
+                    raise MedsegError(
+                        f"feature distillation: decoder level {level} is "
+                        f"{tuple(s.shape[2:])} in the student but {tuple(f.shape[2:])} in "
+                        f"teacher network {t}; use models built from the same plan"
+                    )
+            self.maps.append(
+                nn.ModuleList(conv(s.shape[1], f.shape[1], 1) for s, f in zip(student, levels))
+            )
+
+    def loss(self, student: list[torch.Tensor], teachers: list[list[torch.Tensor]]) -> torch.Tensor:
+        terms = [
+            F.mse_loss(adapter(s.float()), f.float())
+            for maps, levels in zip(self.maps, teachers)
+            for adapter, s, f in zip(maps, student, levels)
+        ]
+        return torch.stack(terms).mean()
 
 
 def distillation_kl(
@@ -46,11 +126,41 @@ def distillation_kl(
 
 
 class Distiller:
-    """Turns the supervised loss into (1 - w) supervised + w * KD; remembers the last KL."""
+    """Turns the supervised loss into (1 - w) supervised + w * KD (+ the feature term);
+    remembers the KL (and feature loss) of each step for the training log.
 
-    def __init__(self, teacher: Teacher, config: DistillConfig) -> None:
+    With ``config.feature_weight > 0`` pass the ``student`` and a ``probe`` input (one
+    plan-sized patch): one forward pass of both sizes the adapters, whose parameters
+    (``self.adapters``) the trainer optimizes with the student's.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        config: DistillConfig,
+        *,
+        student: nn.Module | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> None:
         self.teacher, self.temperature, self.weight = teacher, config.temperature, config.weight
+        self.feature_weight = config.feature_weight
         self.kl_values: list[float] = []
+        self.feature_values: list[float] = []
+        self.student_tap: DecoderTap | None = None
+        self.adapters: FeatureAdapters | None = None
+        if self.feature_weight > 0:
+            if student is None or probe is None:
+                raise ValueError("feature distillation needs the student and a probe input")
+            self.student_tap = DecoderTap(student, f"the student ({type(student).__name__})")
+            was_training = student.training
+            with torch.no_grad():
+                student.eval()
+                student(probe)
+                teacher.soft_labels(probe, self.temperature)
+            student.train(was_training)
+            self.adapters = FeatureAdapters(
+                self.student_tap.take(), teacher.features, probe.ndim - 2
+            ).to(probe.device)
 
     def __call__(
         self, supervised: torch.Tensor, outputs: torch.Tensor | list[torch.Tensor], x: torch.Tensor
@@ -59,15 +169,31 @@ class Distiller:
         soft = self.teacher.soft_labels(x, self.temperature)
         kl = distillation_kl(student, soft, self.temperature)
         self.kl_values.append(float(kl.detach()))
-        return (1 - self.weight) * supervised + self.weight * kl
+        loss = (1 - self.weight) * supervised + self.weight * kl
+        if self.adapters is not None and self.student_tap is not None:
+            features = self.adapters.loss(self.student_tap.take(), self.teacher.features)
+            self.feature_values.append(float(features.detach()))
+            loss = loss + self.feature_weight * features
+        return loss
 
     def epoch_kl(self) -> float:
         """Mean KL since the last call (for the training log)."""
         values, self.kl_values = self.kl_values, []
         return float(sum(values) / max(len(values), 1))
 
+    def epoch_feature_loss(self) -> float:
+        """Mean feature loss since the last call (NaN without feature distillation)."""
+        values, self.feature_values = self.feature_values, []
+        return float(sum(values) / len(values)) if values else float("nan")
 
-def make_distiller(config: DistillConfig, plan: Plan, device: torch.device) -> Distiller:
+
+def make_distiller(
+    config: DistillConfig,
+    plan: Plan,
+    device: torch.device,
+    *,
+    student: nn.Module | None = None,
+) -> Distiller:
     from medseg.ensembling.members import load_fold_models
     from medseg.training.finetune import check_teacher
 
@@ -76,7 +202,10 @@ def make_distiller(config: DistillConfig, plan: Plan, device: torch.device) -> D
         check_teacher(source, plan)
         _, fold_models = load_fold_models(source, device=device)
         models.extend(fold_models)
-    return Distiller(Teacher(models).to(device), config)
+    features = config.feature_weight > 0
+    teacher = Teacher(models, tap_decoders=features).to(device)
+    probe = torch.zeros(1, plan.num_channels, *plan.patch_size, device=device) if features else None
+    return Distiller(teacher, config, student=student, probe=probe)
 
 
 def distill_config_for(
@@ -86,6 +215,7 @@ def distill_config_for(
     student: str = "mobile_unet",
     temperature: float = 2.0,
     weight: float = 0.5,
+    feature_weight: float = 0.0,
     config=None,
     labels=None,
 ):
@@ -126,7 +256,10 @@ def distill_config_for(
         (work / "model").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(splits, work / "model" / "splits.json")
     distill = DistillConfig(
-        teachers=tuple(str(f.resolve()) for f in folders), temperature=temperature, weight=weight
+        teachers=tuple(str(f.resolve()) for f in folders),
+        temperature=temperature,
+        weight=weight,
+        feature_weight=feature_weight,
     )
     return replace(config or TrainConfig(), model=student, distill=distill), plan
 

@@ -1,5 +1,6 @@
 """Export trained networks to ONNX (fp32, int8) and TorchScript, checked against PyTorch."""
 
 from medseg.export.onnx import ExportReport, export_model, quantize_onnx
+from medseg.export.prune import prune_model_dir, prune_unet
 
-__all__ = ["ExportReport", "export_model", "quantize_onnx"]
+__all__ = ["ExportReport", "export_model", "prune_model_dir", "prune_unet", "quantize_onnx"]

@@ -13,11 +13,16 @@ class DistillConfig:
     all their folds averaged) at ``temperature``, mixed with the supervised loss.
 
     loss = (1 - weight) * supervised + weight * T^2 * KL(teacher_T || student_T)
+           + feature_weight * mean MSE(adapter(student decoder level), teacher decoder level)
+
+    ``feature_weight > 0`` adds FitNets-style feature distillation on every decoder level
+    (a learned 1x1 convolution maps the student's channels to each teacher network's).
     """
 
     teachers: tuple[str, ...] = ()
     temperature: float = 2.0
     weight: float = 0.5
+    feature_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,8 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
             raise MedsegError(
                 f"distillation needs temperature > 0 and 0 <= weight <= 1 (got {d.temperature}, {d.weight})"
             )
+        if d.feature_weight < 0:
+            raise MedsegError(f"feature distillation weight must be >= 0 (got {d.feature_weight})")
         for teacher in d.teachers:
             check_teacher(teacher, plan)
 

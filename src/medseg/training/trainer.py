@@ -302,7 +302,9 @@ def train_fold(
     if config.distill is not None:
         from medseg.distillation import make_distiller
 
-        distiller = make_distiller(config.distill, plan, device)
+        distiller = make_distiller(config.distill, plan, device, student=model)
+        if distiller.adapters is not None:  # trained with the student, not saved with it
+            optimizer.add_param_group({"params": list(distiller.adapters.parameters())})
     loss_fn = create_loss(config.loss, class_weights=weights).to(device)
     num_outputs = len(model.output_scales) if getattr(model, "deep_supervision", False) else 1
     criterion = DeepSupervisionLoss(loss_fn, num_outputs)
@@ -344,6 +346,8 @@ def train_fold(
             state["best_per_class"],
         )
         epochs_since_best = state.get("epochs_since_best", 0)
+        if distiller is not None and distiller.adapters is not None:
+            distiller.adapters.load_state_dict(state["distill_adapters"])
         log_rows = state["log"]
         sampler.rng.bit_generator.state = state["sampler_rng"]
         augmenter.generator.set_state(state["augment_rng"])
@@ -448,6 +452,8 @@ def train_fold(
                 }
                 if distiller is not None:
                     row["train_distill_kl"] = distiller.epoch_kl()
+                    if distiller.adapters is not None:
+                        row["train_distill_features"] = distiller.epoch_feature_loss()
                 log.add(row)
                 epoch += 1
                 improved = not math.isnan(mean_dice) and mean_dice > best_dice
@@ -477,6 +483,11 @@ def train_fold(
                     "best_epoch": best_epoch,
                     "best_per_class": best_per_class,
                     "epochs_since_best": epochs_since_best,
+                    "distill_adapters": (
+                        distiller.adapters.state_dict()
+                        if distiller is not None and distiller.adapters is not None
+                        else None
+                    ),
                     "log": log.rows,
                     "sampler_rng": sampler.rng.bit_generator.state,
                     "augment_rng": augmenter.generator.get_state(),
