@@ -343,3 +343,13 @@ def test_distill_with_features_logs_the_feature_loss_and_resumes(setup):
     assert more[0].epochs == 3
     with pytest.raises(MedsegError, match="feature distillation weight"):
         api.distill(dataset, work, teachers=[teacher], feature_weight=-1, config=config)
+
+
+def test_bf16_teacher_soft_labels_stay_close_to_fp32():
+    nets = [_tiny_unet((8, 16, 32)).eval()]
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    fp32 = Teacher(nets).soft_labels(x, 2.0)
+    bf16 = Teacher(nets, precision="bf16").soft_labels(x, 2.0)
+    assert bf16.dtype == torch.float32
+    assert (fp32 - bf16).abs().max() < 0.02
+    assert torch.allclose(bf16.sum(1), torch.ones(2, 32, 32), atol=1e-5)

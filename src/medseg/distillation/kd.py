@@ -50,9 +50,12 @@ class DecoderTap:
 class Teacher(nn.Module):
     """Mean of the tempered softmax of several networks (all folds of all teacher folders)."""
 
-    def __init__(self, models: list[nn.Module], *, tap_decoders: bool = False) -> None:
+    def __init__(
+        self, models: list[nn.Module], *, tap_decoders: bool = False, precision: str = "fp32"
+    ) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
+        self.precision = precision  # "bf16": CPU bfloat16 autocast (see DistillConfig)
         for p in self.parameters():
             p.requires_grad_(False)
         self.taps = (
@@ -69,8 +72,10 @@ class Teacher(nn.Module):
         self.eval()
         total = None
         self.features = []
+        bf16 = self.precision == "bf16" and x.device.type == "cpu"
         for i, model in enumerate(self.models):
-            y = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = model(x)
             y = y[0] if isinstance(y, (list, tuple)) else y
             p = torch.softmax(y.float() / temperature, dim=1)
             total = p if total is None else total + p
@@ -202,8 +207,11 @@ def make_distiller(
         check_teacher(source, plan)
         _, fold_models = load_fold_models(source, device=device)
         models.extend(fold_models)
+    from medseg.inference.predictor import resolve_precision
+
     features = config.feature_weight > 0
-    teacher = Teacher(models, tap_decoders=features).to(device)
+    precision = resolve_precision(config.teacher_precision, backend="torch", device=device)
+    teacher = Teacher(models, tap_decoders=features, precision=precision).to(device)
     probe = torch.zeros(1, plan.num_channels, *plan.patch_size, device=device) if features else None
     return Distiller(teacher, config, student=student, probe=probe)
 

@@ -117,6 +117,10 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
             raise MedsegError(
                 f"distillation needs temperature > 0 and 0 <= weight <= 1 (got {d.temperature}, {d.weight})"
             )
+        if d.teacher_precision not in ("auto", "fp32", "bf16"):
+            raise MedsegError(
+                f"unknown teacher precision {d.teacher_precision!r} (use auto, fp32 or bf16)"
+            )
         if d.feature_weight < 0:
             raise MedsegError(f"feature distillation weight must be >= 0 (got {d.feature_weight})")
         for teacher in d.teachers:
