@@ -226,7 +226,8 @@ def part_monai(max_cases: int = 12) -> dict:
     plan, model = predictor.plan, predictor.models[0]
     ours, theirs, ours_bf16, theirs_bf16 = [], [], [], []
     for cid in val[:max_cases]:
-        image = read_image(NNUNET_INPUT / f"{cid}_0000.nii.gz")
+        # the shared file itself: this part needs no nnU-Net work folder
+        image = read_image(SHARED / "Task04_Hippocampus" / "imagesTr" / f"{cid}.nii.gz")
         data, _ = predictor.prepare([image])
         a, b = _monai_pair(model, data, plan.patch_size, plan.num_classes, 2)
         ours += a
