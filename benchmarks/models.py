@@ -20,7 +20,10 @@ again, so a queue can grow one architecture per invocation (every invocation re-
 all of them and rewrites the JSON). ``--extra-models unet=benchmarks/work/hippocampus/model``
 adds the core benchmark's U-Net as is: same split, plan and TrainConfig (this script's
 ``max_validation_cases=50`` matches it), 30-minute budget including its 9 s of
-preprocessing. ``--teacher unet`` fixes the distillation teacher.
+preprocessing. ``--teacher unet`` fixes the distillation teacher. ``--keep-previous`` keeps the rows of
+the existing result JSON whose model folders are gone (marked ``from_earlier_run`` with
+that run's date and commit, and ``*`` in the table), so one architecture can be added
+without retraining the others; only models scored in this run form new ensembles.
 
 Notes: other engineers share the 2 cores, so the load average at start and end is
 recorded; with a loaded CPU prefer ``--threads 1`` (two OpenMP threads spin-waiting on a
@@ -78,6 +81,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "models")
+    ap.add_argument(
+        "--keep-previous",
+        action="store_true",
+        help="keep the rows of models in the existing result JSON whose folders are gone"
+        " (marked with that run's date and commit; they join no new ensemble)",
+    )
     args = ap.parse_args()
 
     from medseg import api
@@ -211,10 +220,19 @@ def main() -> None:
 
     for tag in list(runs):
         score(tag)
+    smoke = "_smoke" if args.max_train_cases or args.max_val_cases else ""
+    out_path = RESULTS / f"models_{args.dataset}{smoke}.json"
+    earlier = json.loads(out_path.read_text()) if args.keep_previous and out_path.exists() else {}
+    earlier_run = {k: earlier.get("machine", {}).get(k) for k in ("date", "git_commit")}
+    for row in earlier.get("models", []):
+        tag = row["model"]
+        carried = tag == "mobile_unet_distilled" and not args.no_distill
+        if tag not in runs and not carried and not (work / tag / "fold_0").exists():
+            rows.append({**row, "from_earlier_run": row.get("from_earlier_run", earlier_run)})
     singles = sorted(rows, key=lambda r: -r["dice_mean"])
     best_single = singles[0]["model"]
     if not args.no_distill:
-        teacher_tag = args.teacher or best_single
+        teacher_tag = args.teacher or next(r["model"] for r in singles if r["model"] in runs)
         teacher = runs[teacher_tag]["dir"]
         cfg = replace(
             base,
@@ -226,7 +244,7 @@ def main() -> None:
         rows[-1]["teacher"] = teacher_tag
     # Best mean-probability ensemble of 2 or 3 of the trained architectures.
     ensembles = []
-    tags = [r["model"] for r in singles]
+    tags = [r["model"] for r in singles if r["model"] in probs]
     for size in (2, 3):
         for combo in itertools.combinations(tags[:5], size):
             dices = [
@@ -246,8 +264,16 @@ def main() -> None:
                 }
             )
     best_ensemble = max(ensembles, key=lambda e: e["dice_mean"]) if ensembles else None
-    teacher_row = next(r for r in rows if r["model"] == (args.teacher or best_single))
+    earlier_ensemble = earlier.get("best_ensemble")
+    stale = earlier_ensemble and any(m not in probs for m in earlier_ensemble["members"])
+    if stale and (not best_ensemble or earlier_ensemble["dice_mean"] > best_ensemble["dice_mean"]):
+        best_ensemble = {
+            **earlier_ensemble,
+            "from_earlier_run": earlier_ensemble.get("from_earlier_run", earlier_run),
+        }
     student = next((r for r in rows if r["model"] == "mobile_unet_distilled"), None)
+    teacher_tag = student.get("teacher", args.teacher or best_single) if student else best_single
+    teacher_row = next(r for r in rows if r["model"] == teacher_tag)
     goals = {}
     if student:
         goals["distilled_within_0.01_of_teacher"] = {
@@ -267,8 +293,9 @@ def main() -> None:
         }
     if best_ensemble:
         goals["ensemble_beats_best_single"] = {
-            "margin": best_ensemble["dice_mean"] - teacher_row["dice_mean"],
-            "met": best_ensemble["dice_mean"] > teacher_row["dice_mean"],
+            "best_single": best_single,
+            "margin": best_ensemble["dice_mean"] - singles[0]["dice_mean"],
+            "met": best_ensemble["dice_mean"] > singles[0]["dice_mean"],
         }
     result = {
         "machine": machine(),
@@ -285,9 +312,8 @@ def main() -> None:
         "best_ensemble": best_ensemble,
         "goals": goals,
     }
-    smoke = "_smoke" if args.max_train_cases or args.max_val_cases else ""
     result["smoke"] = bool(smoke)
-    out = write_result(result, RESULTS / f"models_{args.dataset}{smoke}.json")
+    out = write_result(result, out_path)
     names = [n for _, n in plan.labels[1:]]
     lines = [
         f"| model | {' | '.join('Dice ' + n for n in names)} | mean | params | it/s | s/case"
@@ -297,19 +323,26 @@ def main() -> None:
     for r in rows:
         its = r["train_iterations_per_second"]
         lines.append(
-            f"| {r['model']} | "
+            f"| {r['model']}{' *' if r.get('from_earlier_run') else ''} | "
             + " | ".join(f"{r['dice_per_class'][n]:.3f}" for n in names)
             + f" | {r['dice_mean']:.3f} | {r['parameters']:,} | "
             + (f"{its:.2f}" if its else "-")
             + f" | {r['inference_seconds_per_case_median']:.2f}"
-            + f" | {r['network_seconds_per_4_patches']:.3f} |"
+            + " | "
+            + (f"{net:.3f}" if (net := r.get("network_seconds_per_4_patches")) else "-")
+            + " |"
         )
     if best_ensemble:
         lines.append(
-            f"| ensemble {'+'.join(best_ensemble['members'])} | "
+            f"| ensemble {'+'.join(best_ensemble['members'])}"
+            f"{' *' if best_ensemble.get('from_earlier_run') else ''} | "
             + " | ".join(f"{v:.3f}" for v in best_ensemble["dice_per_class"])
             + f" | {best_ensemble['dice_mean']:.3f} | | | | |"
         )
+    if any(r.get("from_earlier_run") for r in rows) or (best_ensemble or {}).get(
+        "from_earlier_run"
+    ):
+        lines += ["", "\\* kept from an earlier run (its date and commit are in the JSON)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(goals, indent=2, default=float))

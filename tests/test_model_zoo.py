@@ -142,3 +142,38 @@ def test_trainer_can_build_every_model_from_a_plan(name: str, ndim: int):
     model = build_model(plan, deep_supervision=False, **dict(model_info(name).tiny_options))
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, *(16,) * ndim)).shape == (1, 2, *(16,) * ndim)
+
+
+@pytest.mark.parametrize(("name", "ndim"), CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def test_batchnorm_fusion_keeps_every_model_output(name: str, ndim: int):
+    from medseg.models.fusion import fuse_conv_batchnorm
+
+    torch.manual_seed(0)
+    model = tiny_model(name, ndim, deep_supervision=False)
+    size = (32,) * ndim
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for _ in range(3):
+            model(torch.randn(2, 2, *size) * 3 + 1)
+    model.eval()
+    x = torch.randn(1, 2, *size)
+    with torch.no_grad():
+        before = model(x)
+        fused = fuse_conv_batchnorm(model)
+        after = model(x)
+    if name == "mobile_unet":
+        assert fused > 0
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_fusion_removes_the_norm_passes_and_needs_eval_mode():
+    from medseg.models.fusion import fuse_conv_batchnorm
+
+    model = tiny_model("mobile_unet", 3, deep_supervision=False)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fuse_conv_batchnorm(model)
+    model.eval()
+    count = sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert fuse_conv_batchnorm(model) == count
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    plain = tiny_model("unet", 3, deep_supervision=False).eval()
+    assert fuse_conv_batchnorm(plain) == 0

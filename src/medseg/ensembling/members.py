@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from medseg.errors import MedsegError
+from medseg.inference.predictor import available_folds, load_networks
 from medseg.models.sliding_window import sliding_window_logits
 from medseg.planning.plan import Plan, read_plan
-from medseg.training.finetune import read_train_config
-from medseg.training.trainer import build_model, memory_format
+
+# Kept under its older name for callers in ensembling.
+trained_folds = available_folds
 
 
 def model_folder(source: str | os.PathLike) -> Path:
@@ -25,14 +27,6 @@ def model_folder(source: str | os.PathLike) -> Path:
     return path
 
 
-def trained_folds(model_dir: Path, checkpoint: str = "best") -> list[int]:
-    return sorted(
-        int(d.name[5:])
-        for d in model_dir.glob("fold_*")
-        if d.name[5:].isdigit() and (d / f"checkpoint_{checkpoint}.pt").exists()
-    )
-
-
 def load_fold_models(
     source: str | os.PathLike,
     *,
@@ -43,22 +37,14 @@ def load_fold_models(
     """The plan and the eval-mode networks of ``folds`` (default: every trained fold)."""
     model_dir = model_folder(source)
     plan = read_plan(model_dir)
-    found = trained_folds(model_dir, checkpoint)
+    found = available_folds(model_dir, checkpoint)
     folds = found if folds is None else folds
     missing = [f for f in folds if f not in found]
     if not folds or missing:
         raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
-    models = []
-    for fold in folds:
-        fold_dir = model_dir / f"fold_{fold}"
-        config = read_train_config(fold_dir)
-        model = build_model(plan, name=config.model if config else None, deep_supervision=False)
-        state = torch.load(
-            fold_dir / f"checkpoint_{checkpoint}.pt", map_location="cpu", weights_only=False
-        )
-        model.load_state_dict(state["model"])
-        model.eval()
-        models.append(model.to(device).to(memory_format=memory_format(plan.ndim)))
+    models = load_networks(
+        model_dir, plan, folds, checkpoint=checkpoint, device=torch.device(device)
+    )
     return plan, models
 
 

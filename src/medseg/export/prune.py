@@ -163,7 +163,9 @@ def prune_model_dir(
     folds = available_folds(source, "best")
     if not folds:
         raise MedsegError(f"{source}: no trained fold (checkpoint_best.pt) to prune")
-    networks = load_networks(source, plan, folds, checkpoint="best", device=torch.device("cpu"))
+    networks = load_networks(
+        source, plan, folds, checkpoint="best", device=torch.device("cpu"), fuse_batchnorm=False
+    )
     pruned = [prune_unet(net.to(memory_format=torch.contiguous_format), keep) for net in networks]
     widths = tuple(block[1][0].out_channels for block in pruned[0].encoder)
     new_plan = replace(plan, network=replace(plan.network, features=widths))

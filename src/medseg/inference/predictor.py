@@ -23,6 +23,7 @@ from medseg.errors import MedsegError
 from medseg.inference.postprocess import fill_holes, keep_largest_component
 from medseg.io.files import image_suffix, read_image_channels, strip_suffix, write_image
 from medseg.io.image import Image
+from medseg.models.fusion import fuse_conv_batchnorm
 from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
 from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
@@ -136,9 +137,20 @@ class OnnxForward:
 
 
 def load_networks(
-    model_dir: Path, plan, folds: list[int], *, checkpoint: str, device: torch.device
+    model_dir: Path,
+    plan,
+    folds: list[int],
+    *,
+    checkpoint: str,
+    device: torch.device,
+    fuse_batchnorm: bool = True,
 ) -> list[torch.nn.Module]:
-    """The PyTorch networks of ``folds`` (eval mode, on ``device``, channels-last)."""
+    """The PyTorch networks of ``folds`` (eval mode, on ``device``, channels-last).
+
+    ``fuse_batchnorm`` folds each BatchNorm into the convolution before it (same
+    outputs, fewer passes; see :mod:`medseg.models.fusion`); pass False to keep the
+    trained module structure, e.g. to edit the network.
+    """
     models = []
     for fold in folds:
         fold_dir = model_dir / f"fold_{fold}"
@@ -152,6 +164,8 @@ def load_networks(
         )
         model.load_state_dict(state["model"])
         model.eval()
+        if fuse_batchnorm:
+            fuse_conv_batchnorm(model)
         models.append(model.to(device).to(memory_format=memory_format(plan.ndim)))
     return models
 
