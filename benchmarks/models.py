@@ -223,7 +223,7 @@ def main() -> None:
     smoke = "_smoke" if args.max_train_cases or args.max_val_cases else ""
     out_path = RESULTS / f"models_{args.dataset}{smoke}.json"
     earlier = json.loads(out_path.read_text()) if args.keep_previous and out_path.exists() else {}
-    earlier_run = {k: earlier.get("machine", {}).get(k) for k in ("date", "git_commit")}
+    earlier_run = {k: earlier.get("machine", {}).get(k) for k in ("date", "git_commit", "cpu")}
     for row in earlier.get("models", []):
         tag = row["model"]
         carried = tag == "mobile_unet_distilled" and not args.no_distill
@@ -342,7 +342,11 @@ def main() -> None:
     if any(r.get("from_earlier_run") for r in rows) or (best_ensemble or {}).get(
         "from_earlier_run"
     ):
-        lines += ["", "\\* kept from an earlier run (its date and commit are in the JSON)."]
+        lines += [
+            "",
+            "\\* kept from an earlier run (its date, commit and CPU are in the JSON):"
+            " compare its speed columns only with rows measured on the same CPU.",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(goals, indent=2, default=float))
