@@ -361,8 +361,13 @@ def main() -> None:
             )(*([args.rounds] if part == "hippocampus" else []))
             data[part]["part_seconds"] = round(time.perf_counter() - t, 1)
             data[part]["load_average_end"] = os.getloadavg()
+            data[part]["machine"] = {k: data["machine"][k] for k in ("cpu", "date", "git_commit")}
         elif part in previous:
-            data[part] = previous[part]  # kept from an earlier run (its own load averages)
+            # kept from an earlier run, with its own load averages and machine
+            data[part] = previous[part]
+            data[part].setdefault(
+                "machine", {k: previous["machine"].get(k) for k in ("cpu", "date", "git_commit")}
+            )
         write_result(data, args.out)
     data["load_average_end"] = os.getloadavg()
     data["note"] = (
