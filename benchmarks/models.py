@@ -231,8 +231,9 @@ def main() -> None:
             rows.append({**row, "from_earlier_run": row.get("from_earlier_run", earlier_run)})
     singles = sorted(rows, key=lambda r: -r["dice_mean"])
     best_single = singles[0]["model"]
+    # The teacher must be a model folder of this run (rows kept from earlier runs have none).
+    teacher_tag = args.teacher or next(r["model"] for r in singles if r["model"] in runs)
     if not args.no_distill:
-        teacher_tag = args.teacher or next(r["model"] for r in singles if r["model"] in runs)
         teacher = runs[teacher_tag]["dir"]
         cfg = replace(
             base,
@@ -272,7 +273,6 @@ def main() -> None:
             "from_earlier_run": earlier_ensemble.get("from_earlier_run", earlier_run),
         }
     student = next((r for r in rows if r["model"] == "mobile_unet_distilled"), None)
-    teacher_tag = student.get("teacher", args.teacher or best_single) if student else best_single
     teacher_row = next(r for r in rows if r["model"] == teacher_tag)
     goals = {}
     if student:

@@ -238,9 +238,9 @@ def select_best(
         json.loads((model_folder(sources[0]) / "dataset.json").read_text())
     )
     # Folds every member has trained.
-    from medseg.ensembling.members import trained_folds
+    from medseg.inference.predictor import available_folds
 
-    common = sorted(set.intersection(*(set(trained_folds(model_folder(s))) for s in sources)))
+    common = sorted(set.intersection(*(set(available_folds(model_folder(s))) for s in sources)))
     folds = common if folds is None else [f for f in folds if f in common]
     if not folds:
         raise MedsegError("the models have no trained fold in common")

@@ -9,12 +9,9 @@ import numpy as np
 import torch
 
 from medseg.errors import MedsegError
-from medseg.inference.predictor import available_folds, load_networks
+from medseg.inference.predictor import load_networks, select_folds
 from medseg.models.sliding_window import sliding_window_logits
 from medseg.planning.plan import Plan, read_plan
-
-# Kept under its older name for callers in ensembling.
-trained_folds = available_folds
 
 
 def model_folder(source: str | os.PathLike) -> Path:
@@ -37,11 +34,7 @@ def load_fold_models(
     """The plan and the eval-mode networks of ``folds`` (default: every trained fold)."""
     model_dir = model_folder(source)
     plan = read_plan(model_dir)
-    found = available_folds(model_dir, checkpoint)
-    folds = found if folds is None else folds
-    missing = [f for f in folds if f not in found]
-    if not folds or missing:
-        raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
+    folds = select_folds(model_dir, folds, checkpoint)
     models = load_networks(
         model_dir, plan, folds, checkpoint=checkpoint, device=torch.device(device)
     )

@@ -297,7 +297,7 @@ def export_model(
     ExportReport
         Files written and their agreement with PyTorch (also in ``export/export.json``).
     """
-    from medseg.inference.predictor import available_folds, load_networks
+    from medseg.inference.predictor import load_networks, select_folds
     from medseg.planning.plan import read_plan
     from medseg.serialization import write_json_atomic
 
@@ -321,11 +321,7 @@ def export_model(
     if not (model_dir / "plan.json").exists():
         raise MedsegError(f"{model_dir}: not a model folder (no plan.json)")
     plan = read_plan(model_dir)
-    found = available_folds(model_dir, checkpoint)
-    folds = folds if folds is not None else found
-    missing = [f for f in folds if f not in found]
-    if not folds or missing:
-        raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
+    folds = select_folds(model_dir, folds, checkpoint)
     out_dir = model_dir / "export"
     inputs = _test_inputs(plan)
     files: dict[str, str] = {}

@@ -57,6 +57,19 @@ def available_folds(model_dir: str | os.PathLike, checkpoint: str = "best") -> l
     return folds
 
 
+def select_folds(
+    model_dir: str | os.PathLike, folds: list[int] | None, checkpoint: str = "best"
+) -> list[int]:
+    """``folds`` (default: every fold with a ``checkpoint`` file), or a one-line error
+    naming the folder when one of them, or all, has no checkpoint."""
+    found = available_folds(model_dir, checkpoint)
+    folds = found if folds is None else folds
+    missing = [f for f in folds if f not in found]
+    if not folds or missing:
+        raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
+    return folds
+
+
 def usable_cores() -> int:
     """Cores this process may really use: CPU affinity, capped by a cgroup CPU quota."""
     cores = available_cores()
@@ -219,15 +232,10 @@ class Predictor:
         threads = num_threads or usable_cores()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        found = available_folds(model_dir, checkpoint)
+        self.folds = select_folds(model_dir, folds, checkpoint)
         if backend != "torch" and folds is None:
-            found = [f for f in found if onnx_path(model_dir, f, backend).exists()] or found
-        self.folds = folds if folds is not None else found
-        missing = [f for f in self.folds if f not in found]
-        if not self.folds or missing:
-            raise MedsegError(
-                f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}"
-            )
+            exported = [f for f in self.folds if onnx_path(model_dir, f, backend).exists()]
+            self.folds = exported or self.folds
         if backend == "torch":
             self.models: list = load_networks(
                 self.model_dir, self.plan, self.folds, checkpoint=checkpoint, device=self.device
