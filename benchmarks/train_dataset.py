@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--largest-component", action="store_true")
     parser.add_argument("--fill-holes", action="store_true")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--learning-rate", type=float, help="default: the optimizer's")
     args = parser.parse_args()
     preset = PRESETS[args.name]
     dataset = SHARED / preset["dataset"]
@@ -62,7 +64,9 @@ def main() -> None:
         shutil.rmtree(work)  # a benchmark starts from nothing: preprocessing counts in the budget
     info = machine()
     t0 = time.perf_counter()
-    config = TrainConfig(time_budget_minutes=budget)
+    config = TrainConfig(
+        time_budget_minutes=budget, optimizer=args.optimizer, learning_rate=args.learning_rate
+    )
     (result,) = api.train(dataset, work, config=config, split_file=split, show_progress=False)
     train_wall = time.perf_counter() - t0
     fold = json.loads((work / "model" / "splits.json").read_text())[0]
@@ -105,6 +109,8 @@ def main() -> None:
         "n_train": len(fold["train"]),
         "n_val": len(fold["val"]),
         "budget_minutes": budget,
+        "optimizer": config.optimizer,
+        "learning_rate": config.resolved_learning_rate(),
         "machine": info,
         "train_wall_seconds_including_preprocessing": round(train_wall, 1),
         "predict_wall_seconds": round(predict_wall, 1),
