@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--largest-component", action="store_true")
     parser.add_argument("--fill-holes", action="store_true")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--optimizer", choices=("auto", "sgd", "adamw"), default="auto")
     parser.add_argument("--learning-rate", type=float, help="default: the optimizer's")
     args = parser.parse_args()
     preset = PRESETS[args.name]
@@ -109,7 +109,7 @@ def main() -> None:
         "n_train": len(fold["train"]),
         "n_val": len(fold["val"]),
         "budget_minutes": budget,
-        "optimizer": config.optimizer,
+        "optimizer": config.resolved_optimizer(),
         "learning_rate": config.resolved_learning_rate(),
         "machine": info,
         "train_wall_seconds_including_preprocessing": round(train_wall, 1),

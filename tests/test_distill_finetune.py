@@ -121,6 +121,7 @@ def test_unknown_architecture_fails_before_training(setup, tmp_path):
     for bad, message in (
         (replace(FAST, model="nope"), "unknown architecture"),
         (replace(FAST, class_sampling="often"), "unknown class sampling"),
+        (replace(FAST, optimizer="lion"), "unknown optimizer 'lion'"),
         (replace(FAST, class_weighting="magic"), "unknown class weighting"),
         (replace(FAST, init_from=str(tmp_path / "missing")), "no medseg checkpoint"),
     ):

@@ -100,6 +100,22 @@ def test_time_budget_ends_training_cleanly(disk_dataset, tmp_path):
     assert result.stopped_because == "time_budget"
     assert time.perf_counter() - start < 0.25 * 60 + 20
     assert (Path(result.fold_dir) / "checkpoint_best.pt").exists()
+    # "auto" became AdamW at 3e-3 under the budget, and the saved config says so.
+    saved = json.loads((Path(result.fold_dir) / "train_config.json").read_text())
+    assert (saved["optimizer"], saved["learning_rate"]) == ("adamw", 3e-3)
+    first = read_csv(Path(result.fold_dir) / "log.csv")[0]
+    assert 0 < float(first["learning_rate"]) <= 3e-3
+
+
+def test_auto_optimizer_is_sgd_without_a_time_budget():
+    assert (TrainConfig().resolved_optimizer(), TrainConfig().resolved_learning_rate()) == (
+        "sgd",
+        0.01,
+    )
+    budgeted = TrainConfig(time_budget_minutes=30)
+    assert (budgeted.resolved_optimizer(), budgeted.resolved_learning_rate()) == ("adamw", 3e-3)
+    forced = replace(budgeted, optimizer="sgd", learning_rate=0.02)
+    assert (forced.resolved_optimizer(), forced.resolved_learning_rate()) == ("sgd", 0.02)
 
 
 def test_resume_after_kill(disk_dataset, tmp_path):

@@ -77,7 +77,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--epochs", type=int, help="maximum epochs (default 1000)")
     g.add_argument("--iterations-per-epoch", type=int)
-    g.add_argument("--optimizer", choices=["sgd", "adamw"])
+    g.add_argument(
+        "--optimizer",
+        choices=["auto", "sgd", "adamw"],
+        help="auto (default): AdamW at 3e-3 with --time-budget, else SGD at 0.01",
+    )
     g.add_argument("--learning-rate", type=float)
     g.add_argument(
         "--loss",

