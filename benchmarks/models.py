@@ -64,6 +64,55 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, k: int) -> list[float]:
     return out
 
 
+def _optimizer(model_dir: Path) -> str | None:
+    """The optimizer and learning rate a model folder was trained with, e.g. "sgd 0.01"."""
+    path = model_dir / "fold_0" / "train_config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    rate = config.get("learning_rate")
+    rate = rate if rate is not None else (0.01 if config["optimizer"] == "sgd" else 1e-3)
+    return f"{config['optimizer']} {rate:g}"
+
+
+def markdown_table(result: dict, names: list[str]) -> str:
+    """The result JSON's rows (and best ensemble) as a Markdown table."""
+    rows, best_ensemble = result["models"], result["best_ensemble"]
+    lines = [
+        f"| model | {' | '.join('Dice ' + n for n in names)} | mean | params | it/s | s/case"
+        " | network s/4 patches | optimizer |",
+        "|---" * (len(names) + 7) + "|",
+    ]
+    for r in rows:
+        its = r["train_iterations_per_second"]
+        lines.append(
+            f"| {r['model']}{' *' if r.get('from_earlier_run') else ''} | "
+            + " | ".join(f"{r['dice_per_class'][n]:.3f}" for n in names)
+            + f" | {r['dice_mean']:.3f} | {r['parameters']:,} | "
+            + (f"{its:.2f}" if its else "-")
+            + f" | {r['inference_seconds_per_case_median']:.2f}"
+            + " | "
+            + (f"{net:.3f}" if (net := r.get("network_seconds_per_4_patches")) else "-")
+            + f" | {r.get('optimizer') or '-'} |"
+        )
+    if best_ensemble:
+        lines.append(
+            f"| ensemble {'+'.join(best_ensemble['members'])}"
+            f"{' *' if best_ensemble.get('from_earlier_run') else ''} | "
+            + " | ".join(f"{v:.3f}" for v in best_ensemble["dice_per_class"])
+            + f" | {best_ensemble['dice_mean']:.3f} | | | | | |"
+        )
+    if any(r.get("from_earlier_run") for r in rows) or (best_ensemble or {}).get(
+        "from_earlier_run"
+    ):
+        lines += [
+            "",
+            "\\* kept from an earlier run (its date, commit and CPU are in the JSON):"
+            " compare its speed columns only with rows measured on the same CPU.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", choices=sorted(DATASETS))
@@ -215,6 +264,7 @@ def main() -> None:
                 "train_iterations_per_second": tr.iterations_per_second if tr else None,
                 "inference_seconds_per_case_median": float(np.median(seconds)),
                 "network_seconds_per_4_patches": network_seconds,
+                "optimizer": _optimizer(Path(runs[tag]["dir"])),
             }
         )
 
@@ -315,40 +365,9 @@ def main() -> None:
     result["smoke"] = bool(smoke)
     out = write_result(result, out_path)
     names = [n for _, n in plan.labels[1:]]
-    lines = [
-        f"| model | {' | '.join('Dice ' + n for n in names)} | mean | params | it/s | s/case"
-        " | network s/4 patches |",
-        "|---" * (len(names) + 6) + "|",
-    ]
-    for r in rows:
-        its = r["train_iterations_per_second"]
-        lines.append(
-            f"| {r['model']}{' *' if r.get('from_earlier_run') else ''} | "
-            + " | ".join(f"{r['dice_per_class'][n]:.3f}" for n in names)
-            + f" | {r['dice_mean']:.3f} | {r['parameters']:,} | "
-            + (f"{its:.2f}" if its else "-")
-            + f" | {r['inference_seconds_per_case_median']:.2f}"
-            + " | "
-            + (f"{net:.3f}" if (net := r.get("network_seconds_per_4_patches")) else "-")
-            + " |"
-        )
-    if best_ensemble:
-        lines.append(
-            f"| ensemble {'+'.join(best_ensemble['members'])}"
-            f"{' *' if best_ensemble.get('from_earlier_run') else ''} | "
-            + " | ".join(f"{v:.3f}" for v in best_ensemble["dice_per_class"])
-            + f" | {best_ensemble['dice_mean']:.3f} | | | | |"
-        )
-    if any(r.get("from_earlier_run") for r in rows) or (best_ensemble or {}).get(
-        "from_earlier_run"
-    ):
-        lines += [
-            "",
-            "\\* kept from an earlier run (its date, commit and CPU are in the JSON):"
-            " compare its speed columns only with rows measured on the same CPU.",
-        ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(result, names)
+    out.with_suffix(".md").write_text(table)
+    print(table)
     print(json.dumps(goals, indent=2, default=float))
 
 
