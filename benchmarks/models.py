@@ -66,13 +66,14 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, k: int) -> list[float]:
 
 def _optimizer(model_dir: Path) -> str | None:
     """The optimizer and learning rate a model folder was trained with, e.g. "sgd 0.01"."""
+    from medseg.serialization import from_jsonable
+    from medseg.training import TrainConfig
+
     path = model_dir / "fold_0" / "train_config.json"
     if not path.exists():
         return None
-    config = json.loads(path.read_text())
-    rate = config.get("learning_rate")
-    rate = rate if rate is not None else (0.01 if config["optimizer"] == "sgd" else 1e-3)
-    return f"{config['optimizer']} {rate:g}"
+    config = from_jsonable(TrainConfig, json.loads(path.read_text()))
+    return f"{config.resolved_optimizer()} {config.resolved_learning_rate():g}"
 
 
 def markdown_table(result: dict, names: list[str]) -> str:

@@ -22,6 +22,7 @@ from common import REPO, RESULTS, SHARED, machine, write_result  # noqa: E402
 from medseg import api  # noqa: E402
 from medseg.io.dataset import load_dataset  # noqa: E402
 from medseg.training import TrainConfig  # noqa: E402
+from medseg.training.config import OPTIMIZERS  # noqa: E402
 
 PRESETS = {
     "hippocampus": {
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--largest-component", action="store_true")
     parser.add_argument("--fill-holes", action="store_true")
-    parser.add_argument("--optimizer", choices=("auto", "sgd", "adamw"), default="auto")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="auto")
     parser.add_argument("--learning-rate", type=float, help="default: the optimizer's")
     args = parser.parse_args()
     preset = PRESETS[args.name]
