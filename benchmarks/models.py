@@ -324,10 +324,13 @@ def main() -> None:
             "from_earlier_run": earlier_ensemble.get("from_earlier_run", earlier_run),
         }
     student = next((r for r in rows if r["model"] == "mobile_unet_distilled"), None)
-    teacher_row = next(r for r in rows if r["model"] == teacher_tag)
+    # A student kept from an earlier run is compared with its own teacher's row.
+    goal_teacher = (student or {}).get("teacher", teacher_tag)
+    teacher_row = next((r for r in rows if r["model"] == goal_teacher), None)
     goals = {}
-    if student:
+    if student and teacher_row:
         goals["distilled_within_0.01_of_teacher"] = {
+            "teacher": goal_teacher,
             "gap": teacher_row["dice_mean"] - student["dice_mean"],
             "met": teacher_row["dice_mean"] - student["dice_mean"] <= 0.01,
         }
@@ -338,6 +341,7 @@ def main() -> None:
             student["network_seconds_per_4_patches"], 1e-9
         )
         goals["distilled_3x_faster"] = {
+            "teacher": goal_teacher,
             "speedup": speedup,
             "network_speedup": network_speedup,
             "met": speedup >= 3,

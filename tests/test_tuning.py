@@ -158,3 +158,17 @@ def test_apply_params_changes_plan_and_config():
 
 def TinyConfig():  # noqa: N802
     return replace(TINY)
+
+
+def test_cli_trial_minutes_give_each_trial_its_own_time_budget(disk_dataset, work):
+    from medseg.cli.main import main
+
+    args = ["--quiet", "tune", str(disk_dataset), "-w", str(work), "--space"]
+    space = work / "space.yaml"
+    space.write_text("learning_rate: [0.003]\n")
+    assert main([*args, str(space), "--trials", "1", "--trial-minutes", "0"]) == 2
+    assert main([*args, str(space), "--trials", "1", "--trial-minutes", "0.01"]) == 0
+    config = json.loads((work / "tuning" / "trial_0" / "fold_0" / "train_config.json").read_text())
+    # Under a time budget the automatic optimizer is AdamW with the trial's own schedule.
+    assert config["time_budget_minutes"] == 0.01
+    assert config["optimizer"] == "adamw" and config["learning_rate"] == 0.003

@@ -94,6 +94,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
     p.add_argument("--parallel", type=int, default=1, help="trials at once (threads)")
     p.add_argument("--fold", type=int, default=0, help="the fold every trial trains")
+    p.add_argument(
+        "--trial-minutes",
+        type=float,
+        metavar="MINUTES",
+        help="each trial trains for this long (its own warmup and schedule) instead of --epochs",
+    )
     _add_train_options(p)
     p.set_defaults(handler=run_tune)
 
@@ -193,7 +199,8 @@ def run_tune(args: argparse.Namespace, settings: Settings, show_progress: bool) 
         time_budget_minutes=config.time_budget_minutes,
         sampler=args.sampler,
         pruner=args.pruner,
-        # The budget is the whole search's; each trial trains for --epochs (default 50).
+        # The budget is the whole search's; each trial trains for --trial-minutes or
+        # --epochs (default 50).
         config=_trial_config(config, args),
         fold=args.fold,
         seed=config.seed,
@@ -208,4 +215,12 @@ def run_tune(args: argparse.Namespace, settings: Settings, show_progress: bool) 
 def _trial_config(config, args):
     from dataclasses import replace
 
-    return replace(config, time_budget_minutes=None, max_epochs=args.epochs or 50)
+    from medseg.errors import MedsegError
+
+    if args.trial_minutes is not None and args.trial_minutes <= 0:
+        raise MedsegError(f"--trial-minutes must be positive (got {args.trial_minutes})")
+    return replace(
+        config,
+        time_budget_minutes=args.trial_minutes,
+        max_epochs=args.epochs or (1000 if args.trial_minutes else 50),
+    )
