@@ -222,5 +222,6 @@ def _trial_config(config, args):
     return replace(
         config,
         time_budget_minutes=args.trial_minutes,
-        max_epochs=args.epochs or (1000 if args.trial_minutes else 50),
+        # A timed trial keeps the trainer's epoch cap; an untimed one stops at 50 epochs.
+        max_epochs=args.epochs or (config.max_epochs if args.trial_minutes else 50),
     )
