@@ -217,8 +217,9 @@ def _monai_pair(
 def part_monai(max_cases: int = 12) -> dict:
     import torch
 
-    from medseg.inference.predictor import Predictor, native_cpu_bf16
+    from medseg.inference.predictor import Predictor
     from medseg.io import read_image
+    from medseg.runtime import native_cpu_bf16
     from medseg.training.trainer import build_model, memory_format
 
     val = json.loads((REPO / "benchmarks" / "splits" / "hippocampus.json").read_text())["val"]

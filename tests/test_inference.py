@@ -308,7 +308,7 @@ def test_collect_inputs_names_an_empty_or_missing_folder(tmp_path):
 
 
 def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
-    from medseg.inference import predictor as module
+    from medseg import runtime as module
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(module, "native_cpu_bf16", lambda: True)

@@ -207,7 +207,7 @@ def make_distiller(
         check_teacher(source, plan)
         _, fold_models = load_fold_models(source, device=device)
         models.extend(fold_models)
-    from medseg.inference.predictor import resolve_precision
+    from medseg.runtime import resolve_precision
 
     features = config.feature_weight > 0
     precision = resolve_precision(config.teacher_precision, backend="torch", device=device)

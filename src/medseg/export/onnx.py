@@ -77,7 +77,7 @@ def compare_outputs(reference: np.ndarray, other: np.ndarray) -> dict:
 def _session(path: Path):
     import onnxruntime as ort
 
-    from medseg.inference.predictor import usable_cores
+    from medseg.runtime import usable_cores
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = usable_cores()

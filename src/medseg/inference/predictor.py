@@ -27,9 +27,10 @@ from medseg.models.fusion import fuse_conv_batchnorm
 from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
 from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
+from medseg.runtime import choose_device, memory_format, resolve_precision, usable_cores
 from medseg.serialization import from_jsonable
 from medseg.training.config import TrainConfig
-from medseg.training.trainer import available_cores, build_model, choose_device, memory_format
+from medseg.training.trainer import build_model
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-static")
 # Above this many bytes of float32 logits, accumulate in float16 instead.
@@ -68,45 +69,6 @@ def select_folds(
     if not folds or missing:
         raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
     return folds
-
-
-def usable_cores() -> int:
-    """Cores this process may really use: CPU affinity, capped by a cgroup CPU quota."""
-    cores = available_cores()
-    try:  # cgroup v2: "max 100000" or "200000 100000"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16).
-
-    Elsewhere PyTorch emulates bfloat16 and autocast is slower than float32.
-    """
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # private probes moved: stay with float32
-        return False
-
-
-def resolve_precision(precision: str, *, backend: str, device: torch.device) -> str:
-    """``"auto"``: bf16 for the PyTorch backend on a CPU with native bfloat16, else fp32.
-
-    On the hippocampus benchmark bf16 changed mean Dice by 3e-5 and halved the time
-    (``benchmarks/results/inference.json``). CUDA always runs float16 autocast.
-    """
-    if precision not in PRECISIONS:
-        raise MedsegError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-    if precision != "auto":
-        return precision
-    return "bf16" if backend == "torch" and device.type == "cpu" and native_cpu_bf16() else "fp32"
 
 
 def onnx_path(model_dir: str | os.PathLike, fold: int, backend: str) -> Path:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.runtime import memory_format
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -61,10 +63,6 @@ def tile_starts(size: int, patch: int, step_fraction: float) -> list[int]:
         return [0]
     n = int(np.ceil((size - patch) / (patch * step_fraction))) + 1
     return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
-
-
-def _memory_format(ndim: int) -> torch.memory_format:
-    return torch.channels_last_3d if ndim == 3 else torch.channels_last
 
 
 def flip_sets(mirror_axes: Sequence[int], ndim: int) -> list[tuple[int, ...]]:
@@ -129,7 +127,7 @@ def _blended_tiles(
     # CUDA: float16 autocast; CPU: bfloat16 only when asked (fast on CPUs with AMX/AVX512-BF16)
     use_amp = device.type == "cuda" or cpu_bf16
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    fmt = _memory_format(ndim)
+    fmt = memory_format(ndim)
     starts = tiling.starts
     # Mirrored copies fill the forward batch too: one tile with 8 flips is 2 passes of 4,
     # not 8 passes of 1 (small batches leave oneDNN's kernels idle).

@@ -39,6 +39,7 @@ from medseg.registration.fields import (
     resample_on,
     voxel_to_world_displacement,
 )
+from medseg.runtime import choose_device, memory_format, usable_cores
 from medseg.serialization import from_jsonable, to_jsonable, write_json_atomic
 
 MODEL_NAME = "voxelmorph"
@@ -372,9 +373,6 @@ def train_registration(
         _learning_rate,
         _save_checkpoint,
         _stop_on_signal,
-        available_cores,
-        choose_device,
-        memory_format,
     )
 
     config = config or RegistrationTrainConfig()
@@ -430,7 +428,7 @@ def train_registration(
 
     device = choose_device(config.device)
     if device.type == "cpu":
-        torch.set_num_threads(config.num_threads or available_cores())
+        torch.set_num_threads(config.num_threads or usable_cores())
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -662,8 +660,6 @@ def load_registration_model(
     """
     if precision not in ("fp32", "bf16"):
         raise MedsegError(f"unknown precision {precision!r} (use 'fp32' or 'bf16')")
-    from medseg.training.trainer import choose_device
-
     path = Path(model_dir)
     ckpt = path / (CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
     if path.is_file():
@@ -683,8 +679,6 @@ def load_registration_model(
     dev = choose_device(device)
     net = _build(config, state["ndim"])
     net.load_state_dict(state["model"])
-    from medseg.training.trainer import memory_format
-
     net.eval().to(dev).to(memory_format=memory_format(state["ndim"]))
     return LearnedModel(net, config, state["ndim"], dev, precision)
 
@@ -723,8 +717,6 @@ def register_learned(
     shape = canvas_shape_for(extent, divisor)
     f = to_canvas(fixed, shape)
     m = to_canvas(moving, shape, reference=fixed)
-    from medseg.training.trainer import memory_format
-
     # the same layout as the weights (channels-last): a mixed layout costs ~25% per pass
     fmt = memory_format(model.ndim)
     ft = torch.from_numpy(f)[None, None].to(model.device).contiguous(memory_format=fmt)

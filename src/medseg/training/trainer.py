@@ -22,6 +22,7 @@ from medseg.models.sliding_window import sliding_window_logits
 from medseg.planning.plan import Plan
 from medseg.preprocessing.preprocess import LoadedCase, load_preprocessed
 from medseg.progress import progress
+from medseg.runtime import choose_device, configure_threads, memory_format
 from medseg.serialization import to_jsonable, write_json_atomic
 from medseg.training.config import TrainConfig
 from medseg.training.logs import TrainingLog
@@ -48,19 +49,6 @@ class TrainResult:
     stopped_because: str
 
 
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def choose_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_model(
     plan: Plan, *, name: str | None = None, deep_supervision: bool = True, **options
 ) -> torch.nn.Module:
@@ -78,12 +66,6 @@ def build_model(
         deep_supervision=deep_supervision and net.deep_supervision,
         **options,
     )
-
-
-def memory_format(ndim: int) -> torch.memory_format:
-    # Channels-last lets oneDNN run 3D convolutions (and their backward) several
-    # times faster on CPU than the default layout.
-    return torch.channels_last_3d if ndim == 3 else torch.channels_last
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
@@ -268,8 +250,7 @@ def train_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config, fold_dir / "train_config.json")
     device = choose_device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.num_threads or available_cores())
+    configure_threads(device, config.num_threads)
     seed = config.seed + 1000 * config.fold
     random.seed(seed)
     np.random.seed(seed % 2**32)

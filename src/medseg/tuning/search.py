@@ -34,6 +34,7 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.planning.plan import NetworkPlan, Plan
+from medseg.runtime import usable_cores
 from medseg.serialization import write_json_atomic
 from medseg.training.config import TrainConfig
 
@@ -213,7 +214,7 @@ def run_study(
     from medseg.preprocessing import preprocess_dataset
     from medseg.training.finetune import check_train_config
     from medseg.training.splits import make_folds, read_splits, write_splits
-    from medseg.training.trainer import available_cores, train_fold
+    from medseg.training.trainer import train_fold
 
     if trials < 1:
         raise MedsegError(f"--trials must be at least 1 (got {trials})")
@@ -262,7 +263,7 @@ def run_study(
         sampler=_sampler(sampler, the_space, seed),
         pruner=_pruner(pruner, config.max_epochs),
     )
-    threads = max(1, (config.num_threads or available_cores()) // max(parallel, 1))
+    threads = max(1, (config.num_threads or usable_cores()) // max(parallel, 1))
 
     def objective(trial) -> float:
         params = suggest(trial, the_space)
