@@ -23,8 +23,12 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/medseg demo --work-dir medseg_demo --overwrite
 
+# ruff, the layers and independence contracts of pyproject's [tool.importlinter], and no
+# private name imported across packages nor medseg import hidden in a function.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/check_private_imports.py --also benchmarks
 
 test: $(BIN)/.installed lint
 	$(BIN)/pytest -q

@@ -42,17 +42,13 @@ from medseg.classical import (  # noqa: E402
     region_grow,
     threshold,
 )
-from medseg.evaluation.metrics import compute_dice  # noqa: E402
 from medseg.filters import gaussian, median  # noqa: E402
-from medseg.inference.postprocess import (  # noqa: E402
+from medseg.imaging import (  # noqa: E402
+    dice,
     keep_largest_components,
     remove_small_components,
 )
 from medseg.io import Image, read_image  # noqa: E402
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    return compute_dice((pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8), labels=[1])[1]
 
 
 def summary(values: list[float]) -> dict:

@@ -88,6 +88,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def dice_of_folder(pred_dir: Path, case_ids: list[str]) -> dict:
+    from medseg.imaging import dice_per_class
     from medseg.io import read_image
 
     labels = SHARED / "Task04_Hippocampus" / "labelsTr"
@@ -95,11 +96,8 @@ def dice_of_folder(pred_dir: Path, case_ids: list[str]) -> dict:
     for cid in case_ids:
         pred = read_image(pred_dir / f"{cid}.nii.gz").array
         ref = read_image(labels / f"{cid}.nii.gz").array
-        values = []
-        for c in (1, 2):
-            denom = (pred == c).sum() + (ref == c).sum()
-            values.append(2 * ((pred == c) & (ref == c)).sum() / denom if denom else 1.0)
-        per_case.append(float(np.mean(values)))
+        # classes 1 and 2; a class absent from both maps counts as 1.0 here
+        per_case.append(float(np.mean(dice_per_class(pred, ref, 3, empty=1.0))))
     return {"dice_mean": float(np.mean(per_case)), "cases": len(per_case)}
 
 
@@ -219,8 +217,8 @@ def part_monai(max_cases: int = 12) -> dict:
 
     from medseg.inference.predictor import Predictor
     from medseg.io import read_image
-    from medseg.runtime import native_cpu_bf16
-    from medseg.training.trainer import build_model, memory_format
+    from medseg.model_folder import build_network
+    from medseg.runtime import memory_format, native_cpu_bf16
 
     val = json.loads((REPO / "benchmarks" / "splits" / "hippocampus.json").read_text())["val"]
     predictor = Predictor(MODEL, device="cpu")
@@ -263,7 +261,7 @@ def part_monai(max_cases: int = 12) -> dict:
     data = (data - data.mean()) / data.std()
     big_plan = replace(plan, labels=tuple((c, f"c{c}") for c in range(12)), patch_size=(64, 64, 64))
     torch.manual_seed(0)
-    net = build_model(big_plan, deep_supervision=False).eval().to(memory_format=memory_format(3))
+    net = build_network(big_plan, deep_supervision=False).eval().to(memory_format=memory_format(3))
     a, b = _monai_pair(net, data, big_plan.patch_size, 12, 4)
     result["ct_128x128x96_12_classes"] = {
         "medseg_median_s": statistics.median(a),
@@ -287,8 +285,9 @@ def part_bigct() -> dict:
     import torch
 
     from medseg.io import Image, read_image, write_image
+    from medseg.model_folder import build_network, has_weights, write_weights
+    from medseg.planning.plan import read_plan
     from medseg.preprocessing.preprocess import resample_channels
-    from medseg.training.trainer import build_model
 
     folder = SCRATCH / "bigct"
     image_path = folder / "input" / "ct_512x512x300.nii.gz"
@@ -301,7 +300,7 @@ def part_bigct() -> dict:
             Image(np.round(big).astype(np.int16), spacing, ct.origin, ct.direction), image_path
         )
     model_dir = REPO / "benchmarks" / "work" / "bigct_model"
-    if not (model_dir / "fold_0" / "checkpoint_best.pt").exists():
+    if not has_weights(model_dir / "fold_0"):
         plan = json.loads((MODEL / "plan.json").read_text())
         plan.update(
             dataset_name="bigct",
@@ -322,11 +321,9 @@ def part_bigct() -> dict:
         )
         (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
         (model_dir / "plan.json").write_text(json.dumps(plan, indent=1))
-        from medseg.planning.plan import read_plan
-
         torch.manual_seed(0)
-        net = build_model(read_plan(model_dir), deep_supervision=False)
-        torch.save({"model": net.state_dict()}, model_dir / "fold_0" / "checkpoint_best.pt")
+        net = build_network(read_plan(model_dir), deep_supervision=False)
+        write_weights(model_dir / "fold_0", "best", net.state_dict(), metadata={"network": "unet"})
     out = folder / "output"
     shutil.rmtree(out, ignore_errors=True)
     result = timed([*MEDSEG, "predict", str(model_dir), str(image_path.parent), "-o", str(out)])

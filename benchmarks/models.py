@@ -55,15 +55,6 @@ DATASETS = {
 DEFAULT_MODELS = "fcn,unet,resunet,attention_unet,swinunetr,mobile_unet"
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, k: int) -> list[float]:
-    out = []
-    for c in range(1, k):
-        p, r = pred == c, ref == c
-        d = p.sum() + r.sum()
-        out.append(float(2 * np.logical_and(p, r).sum() / d) if d else float("nan"))
-    return out
-
-
 def _optimizer(model_dir: Path) -> str | None:
     """The optimizer and learning rate a model folder was trained with, e.g. "sgd 0.01"."""
     from medseg.serialization import from_jsonable
@@ -139,9 +130,12 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from medseg import api
+    from medseg.distillation import make_distillation_hook
     from medseg.ensembling import load_member, mean_probabilities
+    from medseg.imaging import dice_per_class
+    from medseg.io.check import require_clean
     from medseg.io.dataset import read_case_image, read_case_label
+    from medseg.planning import plan_for
     from medseg.preprocessing import preprocess_dataset
     from medseg.serialization import from_jsonable, write_json_atomic
     from medseg.training import TrainConfig, train_fold
@@ -156,9 +150,9 @@ def main() -> None:
     val_ids = split["val"][: args.max_val_cases]
     work = args.work / args.dataset
     work.mkdir(parents=True, exist_ok=True)
-    spec = api._require_clean(data_dir)
+    spec = require_clean(data_dir)
     t0 = time.perf_counter()
-    plan = api._plan_for(spec, work, num_workers=2, show_progress=False)
+    plan = plan_for(spec, work, num_workers=2, show_progress=False)
     pre = preprocess_dataset(spec, plan, work, num_workers=2, show_progress=False)
     prep_seconds = time.perf_counter() - t0
     base = TrainConfig(
@@ -195,6 +189,7 @@ def main() -> None:
             val_ids=val_ids,
             resume=True,
             show_progress=False,
+            hooks=[make_distillation_hook(config.distill, plan)] if config.distill else [],
         )
         return {"dir": str(d), "train": result}
 
@@ -227,7 +222,7 @@ def main() -> None:
         reading and resampling that every model shares."""
         import torch
 
-        from medseg.training.trainer import memory_format
+        from medseg.runtime import memory_format
 
         x = torch.randn(4, plan.num_channels, *plan.patch_size)
         x = x.contiguous(memory_format=memory_format(plan.ndim))

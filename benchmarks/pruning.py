@@ -40,16 +40,17 @@ def main() -> None:
 
     from medseg import api
     from medseg.ensembling import load_member
-    from medseg.ensembling.core import dice_per_class
+    from medseg.imaging import dice_per_class
+    from medseg.io.check import require_clean
     from medseg.io.dataset import read_case_image, read_case_label
     from medseg.planning.plan import read_plan
     from medseg.preprocessing import preprocess_dataset
+    from medseg.runtime import memory_format
     from medseg.training import TrainConfig, train_fold
-    from medseg.training.trainer import memory_format
 
     load_start = os.getloadavg()
     split = json.loads((REPO / "benchmarks" / "splits" / "hippocampus.json").read_text())
-    spec = api._require_clean(SHARED / "Task04_Hippocampus")
+    spec = require_clean(SHARED / "Task04_Hippocampus")
     val = split["val"]
     labels = {cid: np.asarray(read_case_label(spec, spec.case(cid)).array) for cid in val}
     images = {cid: read_case_image(spec, spec.case(cid)) for cid in val}

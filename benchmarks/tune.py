@@ -58,6 +58,8 @@ def main() -> None:
     import optuna
 
     from medseg import api
+    from medseg.io.check import require_clean
+    from medseg.planning import plan_for
     from medseg.preprocessing import preprocess_dataset
     from medseg.serialization import write_json_atomic
     from medseg.training import TrainConfig, train_fold
@@ -111,9 +113,9 @@ def main() -> None:
     ]
 
     # The zoo's configuration (models.py) with the best parameters, full training split.
-    spec = api._require_clean(data_dir)
+    spec = require_clean(data_dir)
     zoo = REPO / "benchmarks" / "work" / "models" / args.dataset
-    base_plan = api._plan_for(spec, zoo, num_workers=2, show_progress=False)
+    base_plan = plan_for(spec, zoo, num_workers=2, show_progress=False)
     base = TrainConfig(
         time_budget_minutes=args.budget_minutes,
         num_threads=args.threads,

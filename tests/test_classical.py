@@ -387,7 +387,7 @@ def test_ct_bone_threshold_and_lung_window_on_totalsegmentator():
     from conftest import shared_dataset
 
     from medseg.filters import window
-    from medseg.inference.postprocess import remove_small_components
+    from medseg.imaging import remove_small_components
 
     root = shared_dataset("TotalSegmentator_example_CT")
     image = read_image(root / "imagesTr" / "example_ct_sm.nii.gz")

@@ -17,10 +17,11 @@ from medseg.distillation import Teacher, distillation_kl
 from medseg.ensembling.members import load_fold_models
 from medseg.errors import MedsegError
 from medseg.io.dataset import load_dataset
+from medseg.model_folder import build_network, read_weights
 from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import load_preprocessed, preprocessed_folder
 from medseg.serialization import write_json_atomic
-from medseg.training import TrainConfig, build_model, make_folds
+from medseg.training import DistillConfig, TrainConfig, make_folds, train_fold
 from medseg.transforms import AugmentConfig
 
 FAST = TrainConfig(
@@ -84,12 +85,21 @@ def test_distillation_moves_the_student_towards_the_teacher(setup):
     _, teachers = load_fold_models(teacher)
     soft = Teacher(teachers).soft_labels(x, 2.0)
     torch.manual_seed(FAST.seed + 1000 * 0)
-    initial = build_model(the_plan, name="mobile_unet", deep_supervision=False).eval()
+    initial = build_network(the_plan, name="mobile_unet", deep_supervision=False).eval()
     _, (trained,) = load_fold_models(work, folds=[0])
     with torch.no_grad():
         kl_init = distillation_kl(initial(x), soft, 2.0).item()
         kl_trained = distillation_kl(trained(x), soft, 2.0).item()
     assert kl_trained < 0.9 * kl_init
+
+
+def test_train_fold_refuses_distill_without_its_hook(setup, tmp_path):
+    """Training does not import distillation: a distill config needs the workflow's hook."""
+    root, plan, teacher, _ = setup
+    config = replace(FAST, distill=DistillConfig(teachers=(str(teacher),)))
+    with pytest.raises(MedsegError, match="no distillation hook"):
+        train_fold(plan, tmp_path / "pre", tmp_path / "fold_0", config, train_ids=[], val_ids=[])
+    assert not (tmp_path / "fold_0").exists()
 
 
 def make_folds_val(work: Path) -> list[str]:
@@ -135,7 +145,7 @@ def test_fine_tuning_loads_matching_layers_and_freezes_then_unfreezes(setup, tmp
     # A source model trained "on another dataset": three classes, so its heads do not fit.
     other = replace(plan, labels=((0, "background"), (1, "a"), (2, "b")))
     source = fake_model_dir(tmp_path / "source", other, seed=11)
-    src = torch.load(source / "fold_0" / "checkpoint_best.pt", weights_only=False)["model"]
+    src, _ = read_weights(source / "fold_0")
     work = tmp_path / "ft"
     write_json_atomic(plan, work / "plan.json")
     config = replace(
@@ -150,19 +160,15 @@ def test_fine_tuning_loads_matching_layers_and_freezes_then_unfreezes(setup, tmp
     transfer = json.loads((work / "model" / "fold_0" / "init_from.json").read_text())
     assert any(k.startswith("heads.") for k in transfer["skipped"])
     assert "encoder.0.0.0.weight" in transfer["loaded"]
-    state = torch.load(work / "model" / "fold_0" / "checkpoint_last.pt", weights_only=False)[
-        "model"
-    ]
+    state, _ = read_weights(work / "model" / "fold_0", "last")
     # Frozen during the first epoch: the transferred encoder is exactly the source's.
     assert torch.equal(state["encoder.0.0.0.weight"], src["encoder.0.0.0.weight"])
     # The new head trained.
-    fresh = build_model(plan, deep_supervision=False).state_dict()["heads.0.weight"]
+    fresh = build_network(plan, deep_supervision=False).state_dict()["heads.0.weight"]
     assert state["heads.0.weight"].shape == fresh.shape
     # One more epoch after the freeze: the encoder moves.
     api.train(dataset, work, config=replace(config, max_epochs=2), show_progress=False)
-    state2 = torch.load(work / "model" / "fold_0" / "checkpoint_last.pt", weights_only=False)[
-        "model"
-    ]
+    state2, _ = read_weights(work / "model" / "fold_0", "last")
     assert not torch.equal(state2["encoder.0.0.0.weight"], src["encoder.0.0.0.weight"])
 
 
@@ -329,8 +335,8 @@ def test_distill_with_features_logs_the_feature_loss_and_resumes(setup):
     column = header.split(",").index("train_distill_features")
     values = [float(r.split(",")[column]) for r in rows]
     assert len(values) == 2 and all(np.isfinite(values))
-    state = torch.load(fold / "checkpoint_last.pt", weights_only=False)
-    assert state["distill_adapters"]  # the adapters' weights travel with a resume
+    state = torch.load(fold / "checkpoint_last.pt", weights_only=True)
+    assert state["hooks"]["distill"]["adapters"]  # the adapters' weights travel with a resume
     more = api.distill(
         dataset,
         work,

@@ -13,17 +13,21 @@ import torch
 from medseg.cli.main import main
 from medseg.errors import MedsegError
 from medseg.inference import batch as batch_module
-from medseg.inference.postprocess_selection import (
+from medseg.inference.batch import predict_to_folder
+from medseg.inference.postprocess import (
     PostprocessConfig,
     apply_postprocessing,
-    choose_postprocessing,
     read_postprocessing,
+    threshold_probabilities,
+    tune_threshold,
 )
-from medseg.inference.predictor import Predictor, predict_to_folder, restore_geometry
+from medseg.inference.postprocess_selection import choose_postprocessing
+from medseg.inference.predictor import Predictor, restore_geometry
 from medseg.io import Image, read_image, write_image
+from medseg.model_folder import build_network, write_weights
 from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
+from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry
-from medseg.training.trainer import build_model
 
 
 def make_model_dir(root: Path, *, ndim: int = 3, num_classes: int = 3, seed: int = 0) -> Path:
@@ -54,11 +58,9 @@ def make_model_dir(root: Path, *, ndim: int = 3, num_classes: int = 3, seed: int
     model_dir = root / "model"
     (model_dir / "fold_0").mkdir(parents=True)
     (model_dir / "plan.json").write_text(json.dumps(plan))
-    from medseg.planning.plan import read_plan
-
     torch.manual_seed(seed)
-    model = build_model(read_plan(model_dir), deep_supervision=False)
-    torch.save({"model": model.state_dict()}, model_dir / "fold_0" / "checkpoint_best.pt")
+    model = build_network(read_plan(model_dir), deep_supervision=False)
+    write_weights(model_dir / "fold_0", "best", model.state_dict(), metadata={"network": "unet"})
     return model_dir
 
 
@@ -197,7 +199,7 @@ def test_predictor_applies_recorded_postprocessing_and_writes_uncertainty(tmp_pa
     raw = Predictor(model_dir, device="cpu").predict(
         [read_image(inputs / "case_00.nii.gz")], postprocess=False
     )
-    from medseg.inference.postprocess import keep_largest_components
+    from medseg.imaging import keep_largest_components
 
     np.testing.assert_array_equal(label.array, keep_largest_components(raw.array, k=1))
     assert entropy.shape == label.shape and entropy.origin == label.origin
@@ -218,7 +220,7 @@ def test_killed_batch_prediction_resumes_without_redoing_cases(tmp_path, monkeyp
     model_dir = make_model_dir(tmp_path)
     inputs = write_cases(tmp_path / "in", 5, shape=(16, 16, 16))
     out = tmp_path / "out"
-    real_write = batch_module._write_case
+    real_write = batch_module.write_case
     written: list[str] = []
 
     def dying_write(label, entropy, path, *, overwrite):
@@ -228,7 +230,7 @@ def test_killed_batch_prediction_resumes_without_redoing_cases(tmp_path, monkeyp
         written.append(path.name)
         real_write(label, entropy, path, overwrite=overwrite)
 
-    monkeypatch.setattr(batch_module, "_write_case", dying_write)
+    monkeypatch.setattr(batch_module, "write_case", dying_write)
     with pytest.raises(KeyboardInterrupt):
         predict_to_folder(model_dir, inputs, out, device="cpu", num_workers=2, show_progress=False)
     finished = sorted(p.name for p in out.glob("case_*.nii.gz"))
@@ -237,7 +239,7 @@ def test_killed_batch_prediction_resumes_without_redoing_cases(tmp_path, monkeyp
     for name in finished:  # every file there is complete
         assert read_image(out / name).shape == (16, 16, 16)
 
-    monkeypatch.setattr(batch_module, "_write_case", real_write)
+    monkeypatch.setattr(batch_module, "write_case", real_write)
     results = predict_to_folder(model_dir, inputs, out, device="cpu", show_progress=False)
     assert [r.case_id for r in results] == ["case_03", "case_04"]  # only the unfinished ones
     assert {n: (out / n).stat().st_mtime_ns for n in finished} == mtimes
@@ -299,7 +301,7 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
 
 def test_collect_inputs_names_an_empty_or_missing_folder(tmp_path):
     from medseg.errors import MedsegError
-    from medseg.inference.predictor import collect_inputs
+    from medseg.inference.batch import collect_inputs
 
     with pytest.raises(MedsegError, match="empty folder"):
         collect_inputs(tmp_path)
@@ -321,3 +323,16 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert module.resolve_precision("bf16", backend="torch", device=cpu) == "bf16"
     with pytest.raises(MedsegError, match="unknown precision"):
         module.resolve_precision("fp8", backend="torch", device=cpu)
+
+
+def test_tune_threshold_finds_the_separating_value():
+    rng = np.random.default_rng(0)
+    refs = [rng.random((20, 20)) > 0.5 for _ in range(3)]
+    probs = [
+        np.where(r, rng.uniform(0.62, 1.0, r.shape), rng.uniform(0, 0.58, r.shape)) for r in refs
+    ]
+    best, scores = tune_threshold(probs, refs, thresholds=np.arange(1, 20) / 20)
+    assert best == 0.6 and scores[0.6] == 1.0 and scores[0.5] < 1.0
+    np.testing.assert_array_equal(threshold_probabilities(probs[0], best), refs[0])
+    with pytest.raises(MedsegError, match="shape"):
+        tune_threshold([np.zeros((2, 2))], [np.zeros((3, 3))])

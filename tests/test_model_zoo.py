@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medseg.model_folder import build_network
 from medseg.models import create_model, model_info, registered_models
 
 
@@ -116,9 +117,8 @@ def test_attention_gates_weight_the_skips():
 
 @pytest.mark.parametrize(("name", "ndim"), CASES, ids=[f"{n}-{d}d" for n, d in CASES])
 def test_trainer_can_build_every_model_from_a_plan(name: str, ndim: int):
-    """The exact call the trainer and predictor make (plan's residual flag included)."""
+    """The exact call training and prediction make (plan's residual flag included)."""
     from medseg.planning.plan import NetworkPlan, Plan
-    from medseg.training import build_model
 
     plan = Plan(
         dataset_name="t",
@@ -139,7 +139,7 @@ def test_trainer_can_build_every_model_from_a_plan(name: str, ndim: int):
         ),
         median_shape=(16,) * ndim,
     )
-    model = build_model(plan, deep_supervision=False, **dict(model_info(name).tiny_options))
+    model = build_network(plan, deep_supervision=False, **dict(model_info(name).tiny_options))
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, *(16,) * ndim)).shape == (1, 2, *(16,) * ndim)
 

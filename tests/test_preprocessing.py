@@ -115,20 +115,6 @@ def test_preprocess_dataset_caches(phantom_dataset, tmp_path):
     assert other != out and np.load(sorted(other.glob("*_data.npy"))[0]).shape[1:] == (12, 12, 10)
 
 
-def test_postprocessing_by_construction():
-    from medseg.inference.postprocess import fill_holes, keep_largest_component
-
-    label = np.zeros((12, 12), dtype=np.uint8)
-    label[1:8, 1:8] = 1
-    label[3:5, 3:5] = 0  # a hole
-    label[10:12, 10:12] = 1  # a small island
-    label[9, 0:3] = 2
-    kept = keep_largest_component(label)
-    assert kept[10:12, 10:12].sum() == 0 and (kept == 2).sum() == 3 and kept[3, 3] == 0
-    filled = fill_holes(kept)
-    assert (filled[1:8, 1:8] == 1).all() and (filled == 1).sum() == 49
-
-
 def test_plan_filters_run_before_normalization_and_change_the_cache(tmp_path):
     from medseg.planning.plan import read_plan
     from medseg.preprocessing.preprocess import plan_fingerprint, preprocess_image

@@ -15,10 +15,10 @@ from medseg.cli.main import main
 from medseg.errors import MedsegError
 from medseg.export.prune import prune_unet
 from medseg.inference.predictor import Predictor
+from medseg.model_folder import build_network
 from medseg.models import create_model
 from medseg.planning.plan import read_plan
 from medseg.training.finetune import load_matching_weights
-from medseg.training.trainer import build_model
 
 
 def _unet(ndim: int, norm: str = "instance", features=(6, 10, 16)):
@@ -110,7 +110,7 @@ def test_pruned_model_folder_predicts_and_fine_tunes(disk_dataset, tmp_path):
     with pytest.raises(MedsegError, match="overwrite"):
         api.prune(source, tmp_path / "half", keep=0.5)
     # Fine-tuning from the pruned folder loads every layer (same shapes).
-    student = build_model(read_plan(tmp_path / "half"))
+    student = build_network(read_plan(tmp_path / "half"))
     transfer = load_matching_weights(student, tmp_path / "half")
     assert transfer["loaded"] and not transfer["skipped"]
 

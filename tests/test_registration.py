@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from medseg.errors import MedsegError
 from medseg.io import Image, read_image, write_image
 from medseg.io.files import from_sitk, to_sitk
+from medseg.losses import LocalNCC
 from medseg.registration.atlas import fuse_labels
 from medseg.registration.classical import (
     read_transform,
@@ -30,9 +31,9 @@ from medseg.registration.fields import (
     warp_labels,
 )
 from medseg.registration.learned import (
-    LocalNCC,
     RegistrationTrainConfig,
     VelocityUNet,
+    build_registration_network,
     integrate_velocity,
     load_registration_model,
     register_learned,
@@ -45,6 +46,7 @@ from medseg.registration.quality import (
     jacobian_of_field,
     jacobian_statistics,
 )
+from medseg.serialization import to_jsonable, write_json_atomic
 
 
 def blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -342,7 +344,9 @@ def test_train_resume_and_register_learned(phantom_dataset, tmp_path):
     out = tmp_path / "model"
     result = train_registration(phantom_dataset, out, config=config, show_progress=False)
     assert result.epochs == 1 and result.iterations == 2
-    assert (out / "log.csv").exists() and (out / "checkpoint_best.pt").exists()
+    assert (out / "log.csv").exists() and (out / "weights_best.safetensors").exists()
+    state = torch.load(out / "checkpoint_last.pt", weights_only=True)  # the engine's state
+    assert state["epoch"] == 1 and "rng" in state["task"]
     from dataclasses import replace
 
     again = train_registration(
@@ -350,6 +354,7 @@ def test_train_resume_and_register_learned(phantom_dataset, tmp_path):
     )
     assert again.iterations == 4  # resumed from checkpoint_last.pt, one more epoch
     model = load_registration_model(out)
+    assert load_registration_model(out / "weights_last.safetensors").ndim == 3
     spec = json.loads((out / "registration_model.json").read_text())
     images = sorted((phantom_dataset / "imagesTr").glob("*.nii.gz"))
     f, m = read_image(images[0]), read_image(images[1])
@@ -388,6 +393,35 @@ def test_train_resume_and_register_learned(phantom_dataset, tmp_path):
     ]
     assert main(train_args) == 0
     assert json.loads((cli_model / "train_result.json").read_text())["iterations"] == 1
+
+
+def test_a_registration_model_of_the_earlier_format_is_converted(tmp_path):
+    """checkpoint_best.pt (a pickle) of an earlier version: read with weights_only=True,
+    converted once to safetensors, same network."""
+    config = RegistrationTrainConfig(features=(4, 8, 8), decoder=(8, 8), canvas_shape=(16, 16))
+    torch.manual_seed(0)
+    net = build_registration_network(config, 2)
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "config": to_jsonable(config),
+            "ndim": 2,
+            "num_classes": 2,
+            "epoch": 3,
+        },
+        tmp_path / "checkpoint_best.pt",
+    )
+    write_json_atomic(config, tmp_path / "registration_config.json")
+    write_json_atomic({"model": "voxelmorph", "ndim": 2}, tmp_path / "registration_model.json")
+    loaded = load_registration_model(tmp_path, device="cpu")
+    assert (tmp_path / "weights_best.safetensors").exists()
+    state = net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.network.state_dict().items())
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():  # (channels-last after loading: equal up to rounding)
+        assert torch.allclose(loaded.network(x, x)[0], net.eval()(x, x)[0], atol=1e-6)
+    with pytest.raises(MedsegError, match="no trained registration model"):
+        load_registration_model(tmp_path / "missing", device="cpu")
 
 
 # ----------------------------------------------------------------------------- atlases

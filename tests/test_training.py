@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_split
 
 from medseg import api
@@ -85,10 +86,8 @@ def test_edited_plan_is_read_back(phantom_dataset, tmp_path):
     path.write_text(json.dumps(plan))
     config = replace(FAST, max_epochs=1, batch_size=None, augmentation=AugmentConfig(enabled=False))
     (result,) = api.train(phantom_dataset, tmp_path, config=config, show_progress=False)
-    checkpoint = __import__("torch").load(
-        Path(result.fold_dir) / "checkpoint_last.pt", weights_only=False
-    )
-    assert checkpoint["plan"]["batch_size"] == 3
+    checkpoint = torch.load(Path(result.fold_dir) / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint["task"]["plan"]["batch_size"] == 3
     assert checkpoint["model"]["encoder.0.0.0.weight"].shape[0] == 8
     assert result.samples_per_second == pytest.approx(result.iterations_per_second * 3, rel=0.01)
 
@@ -99,7 +98,8 @@ def test_time_budget_ends_training_cleanly(disk_dataset, tmp_path):
     (result,) = api.train(disk_dataset, tmp_path, config=config, show_progress=False)
     assert result.stopped_because == "time_budget"
     assert time.perf_counter() - start < 0.25 * 60 + 20
-    assert (Path(result.fold_dir) / "checkpoint_best.pt").exists()
+    assert (Path(result.fold_dir) / "weights_best.safetensors").exists()
+    assert (Path(result.fold_dir) / "checkpoint_last.pt").exists()
     # "auto" became AdamW at 3e-3 under the budget, and the saved config says so.
     saved = json.loads((Path(result.fold_dir) / "train_config.json").read_text())
     assert (saved["optimizer"], saved["learning_rate"]) == ("adamw", 3e-3)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from medseg.model_folder import build_network, write_weights
 from medseg.planning.plan import Plan, read_plan
 from medseg.serialization import write_json_atomic
-from medseg.training import TrainConfig, build_model
+from medseg.training import TrainConfig
 
 
 def tiny_plan(plan: Plan) -> Plan:
@@ -46,11 +47,11 @@ def fake_model_dir(
         (folder / "dataset.json").write_text(dataset_json.read_text())
     for fold in folds:
         torch.manual_seed(seed + fold)
-        net = build_model(plan, name=model, deep_supervision=False)
+        net = build_network(plan, name=model, deep_supervision=False)
         fold_dir = folder / f"fold_{fold}"
         fold_dir.mkdir(exist_ok=True)
         write_json_atomic(TrainConfig(model=model, fold=fold), fold_dir / "train_config.json")
-        torch.save({"model": net.state_dict(), "epoch": 0}, fold_dir / "checkpoint_best.pt")
+        write_weights(fold_dir, "best", net.state_dict(), metadata={"network": model, "epoch": 0})
     return folder
 
 

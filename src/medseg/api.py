@@ -1,44 +1,56 @@
-"""The Python API: one function per pipeline step. The CLI and the service call only these.
+"""The Python API: one typed function per pipeline step, keyword-only after the paths.
 
-Work folder layout (``work_dir``)::
+A thin facade over :mod:`medseg.workflow` (orchestration over a work folder, whose layout
+it documents) and the stages. The ``medseg`` command line calls these functions.
 
-    dataset.json       what was found in the dataset folder (DatasetSpec)
-    fingerprint.json   dataset statistics
-    plan.json          the editable plan; ``train`` reads it back
-    preprocessed/      cached preprocessed cases, one folder per plan
-    model/             plan.json, splits.json, fold_<k>/ (checkpoints, logs, curves)
-    validation/        predictions of each fold's validation cases, original geometry
-    evaluation/        metrics.csv, summary.json, report.html per fold (and the test set)
+Naming: ``dataset`` is a dataset folder, ``work_dir`` a work folder, ``model_dir`` a
+model folder (or a work folder holding ``model/``) and ``model_dirs`` several,
+``input_path`` an image file or folder, ``source`` DICOM files (a folder or zip),
+``output_dir`` a folder written and ``output_path`` a file or folder written.
+``num_workers``, ``overwrite`` and ``show_progress`` mean the same everywhere.
+
+DICOM, PACS and the REST service need the ``hospital`` extra (pydicom, highdicom,
+FastAPI): their facade functions import :mod:`medseg.dicom`, :mod:`medseg.pacs` and
+:mod:`medseg.serve` when called, so the rest works without it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import time
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from medseg import workflow
+from medseg.ensembling import ensemble_predict_folder
 from medseg.errors import MedsegError
-from medseg.evaluation import (
-    EvaluationReport,
-    evaluate_folders,
-)
-from medseg.inference import Prediction, predict_to_folder
-from medseg.io.check import CheckReport, check_dataset
-from medseg.io.dataset import DatasetSpec, load_dataset
-from medseg.io.files import strip_suffix
-from medseg.planning import Fingerprint, Plan, compute_fingerprint, make_plan, read_plan
+from medseg.evaluation import EvaluationReport, evaluate_folders
+from medseg.evaluation.crossval import evaluate_cross_validation as evaluate_folds
+from medseg.evaluation.metrics import compute_metrics as compute_all_metrics
+from medseg.export import ExportReport, export_model, prune_model_dir
+from medseg.inference import Prediction
+from medseg.inference.postprocess import PostprocessConfig
+from medseg.io.check import CheckReport, check_dataset, require_clean
+from medseg.io.dataset import DatasetSpec
+from medseg.planning import Fingerprint, Plan, read_plan
+from medseg.planning.work_dir import PLAN_FILE, fingerprint_dataset, plan_dataset, plan_for
 from medseg.preprocessing import preprocess_dataset
-from medseg.serialization import to_jsonable, write_json_atomic
-from medseg.training import (
-    TrainConfig,
-    TrainResult,
-    make_folds,
-    read_splits,
-    train_fold,
-    write_splits,
+from medseg.registration.learned import RegistrationTrainConfig, RegistrationTrainResult
+from medseg.registration.pipeline import (
+    atlas_segment_files,
+    register_files,
+    train_registration_dataset,
 )
+from medseg.training import TrainConfig, TrainResult
+from medseg.tuning import run_study
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from medseg.dicom import DicomSeries
+    from medseg.pacs import SegmentationResult
 
 __all__ = [
     "atlas_segment",
@@ -72,23 +84,12 @@ __all__ = [
     "tune",
 ]
 
+# --- dataset, plan, training, prediction, evaluation ---
+
 
 def check(dataset: str | os.PathLike, *, num_workers: int = 2) -> CheckReport:
     """List every problem of a dataset folder (see :func:`medseg.io.check.check_dataset`)."""
     return check_dataset(dataset, workers=num_workers)
-
-
-def _require_clean(dataset: str | os.PathLike) -> DatasetSpec:
-    report = check_dataset(dataset)
-    if not report.ok:
-        first = report.errors[0]
-        more = (
-            f" (and {len(report.errors) - 1} more; run `medseg check {dataset}`)"
-            if len(report.errors) > 1
-            else ""
-        )
-        raise MedsegError(f"{first.path}: {first.message}{more}")
-    return load_dataset(dataset)
 
 
 def fingerprint(
@@ -99,18 +100,8 @@ def fingerprint(
     show_progress: bool = True,
 ) -> Fingerprint:
     """Compute and save ``work_dir/fingerprint.json``."""
-    spec = _require_clean(dataset)
-    return _fingerprint(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
-
-
-def _fingerprint(
-    spec: DatasetSpec, work_dir: str | os.PathLike, *, num_workers: int, show_progress: bool
-) -> Fingerprint:
-    work = Path(work_dir)
-    write_json_atomic(spec.to_json(), work / "dataset.json")
-    fp = compute_fingerprint(spec, num_workers=num_workers, show_progress=show_progress)
-    write_json_atomic(fp, work / "fingerprint.json")
-    return fp
+    spec = require_clean(dataset)
+    return fingerprint_dataset(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
 
 
 def plan(
@@ -123,44 +114,18 @@ def plan(
     show_progress: bool = True,
 ) -> Plan:
     """Fingerprint the dataset and write ``work_dir/plan.json`` (refuses to replace an edited plan)."""
-    path = Path(work_dir) / "plan.json"
+    path = Path(work_dir) / PLAN_FILE
     if path.exists() and not overwrite:
         raise MedsegError(f"{path}: already exists (use --overwrite to re-plan)")
-    spec = _require_clean(dataset)
-    return _plan(spec, work_dir, gpu=gpu, num_workers=num_workers, show_progress=show_progress)
-
-
-def _plan(
-    spec: DatasetSpec,
-    work_dir: str | os.PathLike,
-    *,
-    gpu: bool | None,
-    num_workers: int,
-    show_progress: bool,
-) -> Plan:
-    if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    fp = _fingerprint(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
-    result = make_plan(fp, gpu=gpu)
-    write_json_atomic(result, Path(work_dir) / "plan.json")
-    return result
+    spec = require_clean(dataset)
+    return plan_dataset(
+        spec, work_dir, gpu=gpu, num_workers=num_workers, show_progress=show_progress
+    )
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read a (possibly hand-edited) plan JSON, or the one in a work or model folder."""
     return read_plan(path)
-
-
-def _plan_for(
-    spec: DatasetSpec, work_dir: str | os.PathLike, *, num_workers: int, show_progress: bool
-) -> Plan:
-    """The work folder's plan (possibly hand-edited), or a new one."""
-    path = Path(work_dir) / "plan.json"
-    if path.exists():
-        return load_plan(path)
-    return _plan(spec, work_dir, gpu=None, num_workers=num_workers, show_progress=show_progress)
 
 
 def preprocess(
@@ -171,38 +136,11 @@ def preprocess(
     show_progress: bool = True,
 ) -> Path:
     """Preprocess all labelled cases with the work folder's plan (cached)."""
-    spec = _require_clean(dataset)
-    the_plan = _plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
+    spec = require_clean(dataset)
+    the_plan = plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
     return preprocess_dataset(
         spec, the_plan, work_dir, num_workers=num_workers, show_progress=show_progress
     )
-
-
-def _folds(
-    spec: DatasetSpec,
-    model_dir: Path,
-    *,
-    num_folds: int,
-    seed: int,
-    split_file: str | os.PathLike | None,
-) -> list[dict[str, list[str]]]:
-    if split_file is not None:
-        folds = read_splits(split_file)
-    elif (model_dir / "splits.json").exists():
-        folds = read_splits(model_dir / "splits.json")
-    else:
-        folds = make_folds(
-            [c.case_id for c in spec.cases if c.label], num_folds=num_folds, seed=seed
-        )
-    known = {c.case_id for c in spec.cases}
-    for i, fold in enumerate(folds):
-        unknown = sorted(set(fold["train"] + fold["val"]) - known)
-        if unknown:
-            raise MedsegError(
-                f"{split_file or model_dir / 'splits.json'}: fold {i} names unknown case(s) {', '.join(unknown[:5])}"
-            )
-    write_splits(folds, model_dir / "splits.json")
-    return folds
 
 
 def train(
@@ -222,10 +160,8 @@ def train(
     ``config.time_budget_minutes`` is shared by all folds and counts the
     preprocessing too.
     """
-    started = time.perf_counter()
-    spec = _require_clean(dataset)
-    return _train(
-        spec,
+    return workflow.train(
+        dataset,
         work_dir,
         folds=folds,
         config=config,
@@ -233,58 +169,7 @@ def train(
         resume=resume,
         num_workers=num_workers,
         show_progress=show_progress,
-        started=started,
     )
-
-
-def _train(
-    spec: DatasetSpec,
-    work_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None,
-    config: TrainConfig | None,
-    split_file: str | os.PathLike | None,
-    resume: bool,
-    num_workers: int,
-    show_progress: bool,
-    started: float,
-) -> list[TrainResult]:
-    config = config or TrainConfig()
-    the_plan = _plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
-    pre = preprocess_dataset(
-        spec, the_plan, work_dir, num_workers=num_workers, show_progress=show_progress
-    )
-    model_dir = Path(work_dir) / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(the_plan, model_dir / "plan.json")
-    write_json_atomic(spec.to_json(), model_dir / "dataset.json")
-    all_folds = _folds(
-        spec, model_dir, num_folds=config.num_folds, seed=config.seed, split_file=split_file
-    )
-    folds = folds if folds is not None else [0]
-    results = []
-    for k, fold in enumerate(folds):
-        if not 0 <= fold < len(all_folds):
-            raise MedsegError(f"fold {fold} does not exist (the splits have {len(all_folds)})")
-        fold_config = replace(config, fold=fold)
-        if config.time_budget_minutes is not None:
-            left = config.time_budget_minutes - (time.perf_counter() - started) / 60
-            fold_config = replace(
-                fold_config, time_budget_minutes=max(left / (len(folds) - k), 0.1)
-            )
-        results.append(
-            train_fold(
-                the_plan,
-                pre,
-                model_dir / f"fold_{fold}",
-                fold_config,
-                train_ids=all_folds[fold]["train"],
-                val_ids=all_folds[fold]["val"],
-                resume=resume,
-                show_progress=show_progress,
-            )
-        )
-    return results
 
 
 def predict(
@@ -294,17 +179,17 @@ def predict(
     *,
     folds: list[int] | None = None,
     mirror: bool = False,
+    mirror_axes: tuple[int, ...] | None = None,
     largest_component: bool = False,
     fill_holes: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-    show_progress: bool = True,
-    mirror_axes: tuple[int, ...] | None = None,
     backend: str = "torch",
     num_workers: int = 2,
     uncertainty: bool = False,
     postprocess: bool = True,
     precision: str = "auto",
+    show_progress: bool = True,
 ) -> list[Prediction]:
     """Predict a file, a folder of files or a DICOM series; outputs keep the input geometry.
 
@@ -318,35 +203,24 @@ def predict(
     network and writing overlap (``num_workers`` reader threads); finished cases
     are skipped, so a killed run resumes.
     """
-    model_dir = _model_folder(model_dir)
-    the_plan = read_plan(model_dir)
-    if mirror_axes is None:
-        mirror_axes = tuple(range(the_plan.ndim)) if mirror else ()
-    return predict_to_folder(
+    return workflow.predict(
         model_dir,
         input_path,
         output_dir,
         folds=folds,
-        mirror_axes=tuple(mirror_axes),
+        mirror=mirror,
+        mirror_axes=mirror_axes,
         largest_component=largest_component,
-        fill=fill_holes,
+        fill_holes=fill_holes,
         overwrite=overwrite,
         device=device,
         backend=backend,
-        postprocess=postprocess,
-        uncertainty=uncertainty,
         num_workers=num_workers,
+        uncertainty=uncertainty,
+        postprocess=postprocess,
         precision=precision,
         show_progress=show_progress,
     )
-
-
-def _model_folder(model_dir: str | os.PathLike) -> Path:
-    """A model folder, or the ``model/`` folder of a work folder."""
-    model_dir = Path(model_dir)
-    if (model_dir / "model" / "plan.json").exists():  # a work folder was given
-        model_dir = model_dir / "model"
-    return model_dir
 
 
 def evaluate(
@@ -363,7 +237,7 @@ def evaluate(
     resample: bool = False,
     allow_missing: bool = False,
     show_progress: bool = False,
-    **metric_options,
+    **metric_options: Any,
 ) -> EvaluationReport:
     """Overlap and surface-distance metrics per case and class.
 
@@ -389,32 +263,6 @@ def evaluate(
     )
 
 
-def link_cases(spec: DatasetSpec, case_ids: list[str], folder: Path) -> tuple[Path, Path]:
-    """Symlink some cases' images and labels into ``folder/images`` and ``folder/labels``.
-
-    The predictor and the evaluator read folders; links avoid copying the user's data.
-    """
-    images, labels = folder / "images", folder / "labels"
-    for d in (images, labels):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    for cid in case_ids:
-        case = spec.case(cid)
-        for i, src in enumerate(case.images):
-            src_path = Path(src)
-            suffix = src_path.name[len(strip_suffix(src_path)) :]
-            name = (
-                f"{cid}_{i:04d}{suffix}"
-                if len(case.images) > 1 or spec.num_channels > 1
-                else f"{cid}{suffix}"
-            )
-            os.symlink(src_path.resolve(), images / name)
-        label = Path(case.label)
-        os.symlink(label.resolve(), labels / f"{cid}{label.name[len(strip_suffix(label)) :]}")
-    return images, labels
-
-
 def run(
     dataset: str | os.PathLike,
     work_dir: str | os.PathLike,
@@ -430,90 +278,19 @@ def run(
     show_progress: bool = True,
 ) -> dict:
     """Everything: check, plan, preprocess, train, predict the validation (and test) cases, evaluate."""
-    work = Path(work_dir)
-    if (work / "evaluation").exists() and not overwrite:
-        raise MedsegError(
-            f"{work / 'evaluation'}: already exists (use --overwrite, or another --work-dir)"
-        )
-    started = time.perf_counter()
-    spec = _require_clean(dataset)
-    results = _train(
-        spec,
-        work,
+    return workflow.run(
+        dataset,
+        work_dir,
         folds=folds,
         config=config,
         split_file=split_file,
-        resume=True,
+        mirror=mirror,
+        largest_component=largest_component,
+        fill_holes=fill_holes,
+        overwrite=overwrite,
         num_workers=num_workers,
         show_progress=show_progress,
-        started=started,
     )
-    model_dir = work / "model"
-    all_folds = read_splits(model_dir / "splits.json")
-    summary: dict = {"dataset": str(dataset), "work_dir": str(work), "folds": {}}
-    labels = dict(spec.labels)
-    for result in results:
-        fold = int(Path(result.fold_dir).name.removeprefix("fold_"))
-        val_ids = all_folds[fold]["val"]
-        links = work / "validation" / f"fold_{fold}"
-        images, refs = link_cases(spec, val_ids, links)
-        pred_dir = links / "predictions"
-        predict(
-            model_dir,
-            images,
-            pred_dir,
-            folds=[fold],
-            mirror=mirror,
-            largest_component=largest_component,
-            fill_holes=fill_holes,
-            overwrite=True,
-            show_progress=show_progress,
-        )
-        out = work / "evaluation" / f"fold_{fold}"
-        report = evaluate(
-            pred_dir,
-            refs,
-            out,
-            labels=labels,
-            images_dir=images,
-            curves_png=Path(result.fold_dir) / "curves.png",
-            title=f"medseg: {spec.name}, fold {fold} validation",
-            overwrite=True,
-        )
-        summary["folds"][str(fold)] = {"train": to_jsonable(result), "validation": report.summary}
-    test_cases = [c for c in spec.test_cases if c.label]
-    if test_cases:
-        links = work / "test"
-        images, refs = link_cases(
-            replace(spec, cases=spec.cases + spec.test_cases),
-            [c.case_id for c in test_cases],
-            links,
-        )
-        pred_dir = links / "predictions"
-        predict(
-            model_dir,
-            images,
-            pred_dir,
-            folds=[int(Path(r.fold_dir).name[5:]) for r in results],
-            mirror=mirror,
-            largest_component=largest_component,
-            fill_holes=fill_holes,
-            overwrite=True,
-            show_progress=show_progress,
-        )
-        report = evaluate(
-            pred_dir,
-            refs,
-            work / "evaluation" / "test",
-            labels=labels,
-            images_dir=images,
-            curves_png=Path(results[0].fold_dir) / "curves.png",
-            title=f"medseg: {spec.name}, held-out test cases",
-            overwrite=True,
-        )
-        summary["test"] = report.summary
-    write_json_atomic(summary, work / "run_summary.json")
-    return summary
 
 
 def demo(
@@ -525,25 +302,21 @@ def demo(
     show_progress: bool = True,
 ) -> dict:
     """Train and evaluate on built-in phantoms (or ``dataset``) within a few minutes on a CPU."""
-    from medseg.io.phantoms import write_phantom_dataset
-
-    work = Path(work_dir)
-    if work.exists() and any(work.iterdir()):
-        if not overwrite:
-            raise MedsegError(f"{work}: already exists and is not empty (use --overwrite)")
-        shutil.rmtree(work)
-    if dataset is None:
-        dataset = write_phantom_dataset(work / "phantoms")
-    # The time budget makes the optimizer AdamW at 3e-3 ("auto"), which learns the small
-    # phantom class in about half the iterations SGD needs (3 min on a 2-core AMD EPYC:
-    # held-out Dice 0.93 vs 0.88), so the demo reaches its goal on slower CPUs too.
-    config = TrainConfig(time_budget_minutes=time_budget_minutes, iterations_per_epoch=25)
-    summary = run(dataset, work, config=config, overwrite=True, show_progress=show_progress)
-    summary["report"] = str(
-        work / "evaluation" / ("test" if "test" in summary else "fold_0") / "report.html"
+    return workflow.demo(
+        work_dir,
+        dataset=dataset,
+        time_budget_minutes=time_budget_minutes,
+        overwrite=overwrite,
+        show_progress=show_progress,
     )
-    write_json_atomic(summary, work / "run_summary.json")
-    return summary
+
+
+def link_cases(
+    spec: DatasetSpec, case_ids: list[str], folder: str | os.PathLike
+) -> tuple[Path, Path]:
+    """Symlink cases' images and labels into ``folder/images`` and ``folder/labels``
+    (see :func:`medseg.workflow.link_cases`)."""
+    return workflow.link_cases(spec, case_ids, Path(folder))
 
 
 # --- metrics and evaluation (issue 3) ---
@@ -556,16 +329,14 @@ def evaluate_cross_validation(
     labels: dict[int, str] | str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
-    **metric_options,
+    **metric_options: Any,
 ) -> EvaluationReport:
     """Evaluate every fold's validation predictions of a ``run`` work folder at once.
 
     The report pools all cases; ``summary["folds"]`` holds each fold's summary
     and ``summary["groups"]["fold"]`` the spread between folds.
     """
-    from medseg.evaluation.crossval import evaluate_cross_validation as evaluate_cv
-
-    return evaluate_cv(
+    return evaluate_folds(
         work_dir,
         output_dir=output_dir,
         labels=labels,
@@ -575,33 +346,27 @@ def evaluate_cross_validation(
     )
 
 
-def compute_metrics(pred, ref, *, labels, spacing=None, **metric_options) -> dict:
+def compute_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    *,
+    labels: Iterable[int],
+    spacing: Sequence[float] | None = None,
+    **metric_options: Any,
+) -> dict[int, dict[str, float | bool]]:
     """Every overlap and distance metric of two label arrays (see medseg.evaluation.compute_metrics)."""
-    from medseg.evaluation.metrics import compute_metrics as compute
-
-    return compute(pred, ref, labels=labels, spacing=spacing, **metric_options)
+    return compute_all_metrics(pred, ref, labels=labels, spacing=spacing, **metric_options)
 
 
 # --- classical methods and filters (issue 4) ---
 
 
-def _image_options(options: dict | None, keys: tuple[str, ...]) -> dict:
-    """Options with image file paths (mask, markers, ...) read into images."""
-    from medseg.io.files import read_image
-
-    options = dict(options or {})
-    for key in keys:
-        if isinstance(options.get(key), str | os.PathLike):
-            options[key] = read_image(options[key])
-    return options
-
-
 def segment_classical(
     method: str,
     input_path: str | os.PathLike,
-    output: str | os.PathLike,
+    output_path: str | os.PathLike,
     *,
-    options: dict | None = None,
+    options: dict[str, Any] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> list[Path]:
@@ -610,26 +375,22 @@ def segment_classical(
     ``options`` are the method's keyword options; ``mask``, ``markers`` and
     ``init`` may be image file paths. Outputs keep the input geometry.
     """
-    from medseg.classical import run_method
-    from medseg.classical.batch import map_images
-
-    options = _image_options(options, ("mask", "markers", "init"))
-    return map_images(
-        lambda image: run_method(image, method, **options),
+    return workflow.segment_classical(
+        method,
         input_path,
-        output,
+        output_path,
+        options=options,
         overwrite=overwrite,
         show_progress=show_progress,
-        desc=method,
     )
 
 
 def filter_images(
     name: str,
     input_path: str | os.PathLike,
-    output: str | os.PathLike,
+    output_path: str | os.PathLike,
     *,
-    options: dict | None = None,
+    options: dict[str, Any] | None = None,
     output_dtype: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -639,18 +400,14 @@ def filter_images(
     ``reference`` (histogram matching) and ``mask`` may be image file paths;
     ``output_dtype`` rounds and casts the float32 result (e.g. ``uint8`` for PNG).
     """
-    from medseg.classical.batch import map_images
-    from medseg.filters import apply_filter
-
-    options = _image_options(options, ("reference", "mask"))
-    return map_images(
-        lambda image: apply_filter(image, name, **options),
+    return workflow.filter_images(
+        name,
         input_path,
-        output,
-        overwrite=overwrite,
+        output_path,
+        options=options,
         output_dtype=output_dtype,
+        overwrite=overwrite,
         show_progress=show_progress,
-        desc=name,
     )
 
 
@@ -670,17 +427,16 @@ def register(
     label_mode: str = "nearest",
     fixed_mask: str | os.PathLike | None = None,
     moving_mask: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike | None = None,
     precision: str = "fp32",
     report: bool = True,
     overwrite: bool = False,
 ) -> dict:
     """Register ``moving`` to ``fixed``; write the transform, warped image/labels, quality and report.
 
-    See :func:`medseg.registration.pipeline.register_files`.
+    ``model_dir`` is the learned model of ``method="learned"``. See
+    :func:`medseg.registration.pipeline.register_files`.
     """
-    from medseg.registration.pipeline import register_files
-
     return register_files(
         fixed,
         moving,
@@ -693,7 +449,7 @@ def register(
         label_mode=label_mode,
         fixed_mask=fixed_mask,
         moving_mask=moving_mask,
-        model=model,
+        model=model_dir,
         precision=precision,
         report=report,
         overwrite=overwrite,
@@ -704,13 +460,11 @@ def train_registration(
     dataset: str | os.PathLike,
     model_dir: str | os.PathLike,
     *,
-    config=None,
+    config: RegistrationTrainConfig | None = None,
     resume: bool = True,
     show_progress: bool = True,
-):
+) -> RegistrationTrainResult:
     """Train a learned (VoxelMorph-style) registration model on pairs of a dataset folder's cases."""
-    from medseg.registration.pipeline import train_registration_dataset
-
     return train_registration_dataset(
         dataset, model_dir, config=config, resume=resume, show_progress=show_progress
     )
@@ -719,28 +473,26 @@ def train_registration(
 def atlas_segment(
     target: str | os.PathLike,
     atlases: str | os.PathLike,
-    output: str | os.PathLike,
+    output_path: str | os.PathLike,
     *,
     method: str = "demons",
     metric: str = "mattes",
     fusion: str = "majority",
     max_atlases: int | None = None,
-    model: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict:
     """Segment ``target`` by registering the labelled cases of ``atlases`` and fusing their labels."""
-    from medseg.registration.pipeline import atlas_segment_files
-
     return atlas_segment_files(
         target,
         atlases,
-        output,
+        output_path,
         method=method,
         metric=metric,
         fusion=fusion,
         max_atlases=max_atlases,
-        model=model,
+        model=model_dir,
         overwrite=overwrite,
         show_progress=show_progress,
     )
@@ -756,14 +508,10 @@ def export(
     int8: tuple[str, ...] = (),
     folds: list[int] | None = None,
     overwrite: bool = False,
-):
+) -> ExportReport:
     """Export a model folder to ``model/export/`` (ONNX fp32 + int8, or TorchScript), checked
     against PyTorch (see :func:`medseg.export.export_model`)."""
-    from medseg.export import export_model
-
-    return export_model(
-        _model_folder(model_dir), fmt=fmt, int8=int8, folds=folds, overwrite=overwrite
-    )
+    return export_model(model_dir, fmt=fmt, int8=int8, folds=folds, overwrite=overwrite)
 
 
 def prune(
@@ -777,9 +525,7 @@ def prune(
     channels (largest filter L1 norms). Fine-tune it with :func:`train` and
     ``TrainConfig(init_from=output_dir)`` on its ``plan.json`` (see
     :mod:`medseg.export.prune`)."""
-    from medseg.export.prune import prune_model_dir
-
-    return prune_model_dir(_model_folder(model_dir), output_dir, keep=keep, overwrite=overwrite)
+    return prune_model_dir(model_dir, output_dir, keep=keep, overwrite=overwrite)
 
 
 def select_postprocessing(
@@ -791,17 +537,13 @@ def select_postprocessing(
     device: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
-):
+) -> PostprocessConfig:
     """Choose thresholds, component and hole filling per class on the validation folds and
     record them in ``postprocessing.json`` (applied by :func:`predict` from then on)."""
-    from medseg.inference.postprocess_selection import select_postprocessing as select
-
-    model_dir = _model_folder(model_dir)
-    ndim = read_plan(model_dir).ndim
-    return select(
+    return workflow.select_postprocessing(
         model_dir,
         folds=folds,
-        mirror_axes=tuple(range(ndim)) if mirror else (),
+        mirror=mirror,
         max_cases=max_cases,
         device=device,
         overwrite=overwrite,
@@ -809,16 +551,16 @@ def select_postprocessing(
     )
 
 
-# --- DICOM, PACS and the REST service (issue 7) ---
+# --- DICOM, PACS and the REST service (issue 7; the hospital extra) ---
 
 
 def read_dicom(
-    path: str | os.PathLike, *, series_uid: str | None = None, modality: str | None = None
-):
+    source: str | os.PathLike, *, series_uid: str | None = None, modality: str | None = None
+) -> DicomSeries:
     """Read and check one DICOM series from a folder or zip (see :func:`medseg.dicom.read_series`)."""
-    from medseg.dicom import read_series
+    from medseg.dicom import read_series  # the hospital extra (pydicom)
 
-    return read_series(path, series_uid=series_uid, modality=modality)
+    return read_series(source, series_uid=series_uid, modality=modality)
 
 
 def deidentify(
@@ -829,7 +571,7 @@ def deidentify(
     overwrite: bool = False,
 ) -> list[Path]:
     """De-identify DICOM files (PS3.15 basic profile, UIDs consistent within the study)."""
-    from medseg.dicom import deidentify_folder
+    from medseg.dicom import deidentify_folder  # the hospital extra (pydicom, dicognito)
 
     return deidentify_folder(source, output_dir, seed=seed, overwrite=overwrite)
 
@@ -846,17 +588,16 @@ def segment_dicom(
     rtstruct: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-):
+) -> SegmentationResult:
     """Segment a DICOM series: ``image.nii.gz``, ``label.nii.gz``, DICOM SEG ``seg.dcm``
     (and ``rtstruct.dcm`` with ``rtstruct``)."""
-    from medseg.pacs import load_predictor
-    from medseg.pacs import segment_dicom as _segment
+    from medseg import pacs  # the hospital extra (pydicom, highdicom)
 
     out = Path(output_dir)
     if (out / "seg.dcm").exists() and not overwrite:
         raise MedsegError(f"{out / 'seg.dcm'}: already exists (use --overwrite)")
-    return _segment(
-        load_predictor(model_dir, device=device),
+    return pacs.segment_dicom(
+        pacs.load_predictor(model_dir, device=device),
         source,
         out,
         series_uid=series_uid,
@@ -868,9 +609,9 @@ def segment_dicom(
     )
 
 
-def serve_app(model_dir: str | os.PathLike, **options):
+def serve_app(model_dir: str | os.PathLike, **options: Any) -> FastAPI:
     """The FastAPI application of ``medseg serve`` (options: :func:`medseg.serve.create_app`)."""
-    from medseg.serve import create_app
+    from medseg.serve import create_app  # the hospital extra (FastAPI)
 
     return create_app(model_dir, **options)
 
@@ -879,7 +620,7 @@ def serve_app(model_dir: str | os.PathLike, **options):
 
 
 def ensemble(
-    models: list[str | os.PathLike],
+    model_dirs: list[str | os.PathLike],
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
@@ -893,10 +634,8 @@ def ensemble(
 ) -> list[Path]:
     """Predict with several trained models combined by "mean" probability, "weighted" mean
     or majority "vote"; outputs keep the input geometry (see :mod:`medseg.ensembling`)."""
-    from medseg.ensembling import ensemble_predict_folder
-
     return ensemble_predict_folder(
-        models,
+        model_dirs,
         input_path,
         output_dir,
         method=method,
@@ -910,7 +649,7 @@ def ensemble(
 
 
 def select_ensemble(
-    models: list[str | os.PathLike],
+    model_dirs: list[str | os.PathLike],
     output_json: str | os.PathLike,
     *,
     methods: tuple[str, ...] = ("mean", "weighted", "vote"),
@@ -923,21 +662,17 @@ def select_ensemble(
 ) -> Path:
     """Score every model and combination on out-of-fold validation cases; write the ranking
     (best first) to ``output_json``, as nnU-Net's find_best_configuration does."""
-    from medseg.ensembling import select_best
-
-    out = Path(output_json)
-    if out.exists() and not overwrite:
-        raise MedsegError(f"{out}: already exists (use --overwrite)")
-    selection = select_best(
-        models,
-        folds=folds,
+    return workflow.select_ensemble(
+        model_dirs,
+        output_json,
         methods=methods,
         max_members=max_members,
+        folds=folds,
         mirror=mirror,
+        overwrite=overwrite,
         device=device,
         show_progress=show_progress,
     )
-    return write_json_atomic(selection, out)
 
 
 def distill(
@@ -961,38 +696,20 @@ def distill(
     ``feature_weight > 0`` adds feature distillation on every decoder level (U-Net-style
     student and teachers; see :class:`medseg.training.config.DistillConfig`).
     ``work_dir/model/distill_report.json`` compares student and teacher (Dice, speed)."""
-    from medseg.distillation import distill_config_for
-    from medseg.training.finetune import check_train_config
-
-    work = Path(work_dir)
-    spec = _require_clean(dataset)
-    config, the_plan = distill_config_for(
-        work,
-        teachers,
+    return workflow.distill(
+        dataset,
+        work_dir,
+        teachers=teachers,
         student=student,
         temperature=temperature,
         weight=weight,
         feature_weight=feature_weight,
         config=config,
-        labels=spec.labels,
-    )
-    check_train_config(config, the_plan)  # before preprocessing: bad teachers fail fast
-    results = _train(
-        spec,
-        work,
         folds=folds,
-        config=config,
         split_file=split_file,
-        resume=True,
         num_workers=num_workers,
         show_progress=show_progress,
-        started=time.perf_counter(),
     )
-    from medseg.distillation import distillation_report
-
-    report = distillation_report(config.distill.teachers, work / "model")
-    write_json_atomic(report, work / "model" / "distill_report.json")
-    return results
 
 
 def tune(
@@ -1010,12 +727,10 @@ def tune(
     num_workers: int = 2,
     parallel: int = 1,
     show_progress: bool = True,
-):
+) -> dict:
     """Optuna search over plan and training options (see :mod:`medseg.tuning`); the study
     lives in ``work_dir/tuning/study.db`` (a killed search resumes) and the best plan is
     written to ``work_dir/tuning/best_plan.json``."""
-    from medseg.tuning import run_study
-
     return run_study(
         dataset,
         work_dir,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from medseg.imaging.atomic import atomic_path
 
 T = TypeVar("T")
 
@@ -58,18 +59,7 @@ def from_jsonable(cls: type[T], data: dict) -> T:
 
 def write_json_atomic(data: Any, path: str | os.PathLike, *, indent: int = 2) -> Path:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(data), f, indent=indent)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
+        json.dump(to_jsonable(data), f, indent=indent)
+        f.write("\n")
+    return Path(path)

@@ -9,8 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.io.files import IMAGE_SUFFIXES, WRITE_SUFFIXES, image_suffix, strip_suffix
+from medseg.io.files import (
+    IMAGE_SUFFIXES,
+    WRITE_SUFFIXES,
+    image_suffix,
+    read_image,
+    strip_suffix,
+    write_image,
+)
 from medseg.io.image import Image
+from medseg.progress import progress
 
 CASTS = ("uint8", "uint16", "int16", "float32")
 
@@ -76,9 +84,6 @@ def map_images(
     Existing outputs are refused (before any work when their names are known)
     unless ``overwrite``.
     """
-    from medseg.io.files import read_image, write_image
-    from medseg.progress import progress
-
     files = input_files(input_path)
     out = Path(output)
     single = Path(input_path).is_file()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medseg.classical._common import as_image, as_mask, window_voxels
+from medseg.classical.common import as_image, as_mask, window_voxels
 from medseg.errors import MedsegError
 from medseg.io.image import Image
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage, signal
+from scipy import ndimage
 
-from medseg.classical._common import as_image, check_connectivity, values
+from medseg.classical.common import as_image, check_connectivity, values
+from medseg.classical.thresholds import threshold_value
 from medseg.errors import MedsegError
+from medseg.imaging.components import component_sizes, label_components
 from medseg.io.files import to_sitk
 from medseg.io.image import Image
 
@@ -88,7 +89,7 @@ def grow_connected(
 ) -> np.ndarray:
     """Voxels of ``passing`` connected to a seed (seeds that do not pass grow nothing)."""
     conn = check_connectivity(passing.ndim, connectivity)
-    components = cc3d.connected_components(passing.astype(np.uint8), connectivity=conn)
+    components = label_components(passing, connectivity=conn)
     ids = {int(components[s]) for s in seeds} - {0}
     if not ids:
         return np.zeros(passing.shape, dtype=bool)
@@ -262,11 +263,8 @@ def _deepest_points(
     mask: np.ndarray, spacing: Sequence[float], count: int
 ) -> list[tuple[int, ...]]:
     """The voxel farthest (in mm) from the border in each of the ``count`` largest components."""
-    components = cc3d.connected_components(
-        mask.astype(np.uint8), connectivity=8 if mask.ndim == 2 else 26
-    )
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
+    components = label_components(mask)
+    sizes = component_sizes(components)
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0][:count]
     out = []
     for comp in order:
@@ -305,8 +303,6 @@ def auto_seeds(
     list of tuple
         Voxel indices, deepest point (largest distance in mm to the border) of each component.
     """
-    from medseg.classical.thresholds import threshold_value
-
     image = as_image(image)
     if count < 1:
         raise MedsegError(f"count must be at least 1 (got {count})")
@@ -318,6 +314,8 @@ def auto_seeds(
         fg = data <= t if below else data > t
     elif method == "histogram":
         hist, edges = np.histogram(values(image, None), bins=nbins)
+        from scipy import signal  # ~0.7 s to import; only this method needs it
+
         smooth = ndimage.gaussian_filter1d(hist.astype(float), 1.5)
         peaks, _ = signal.find_peaks(np.pad(smooth, 1), prominence=0.01 * smooth.max())
         peaks = peaks - 1
@@ -387,7 +385,7 @@ def split_merge(
             if vals.std() <= split_std or vals.min() == vals.max():
                 continue
             high = mask & (data > threshold_otsu(vals))
-            parts = cc3d.connected_components(high.astype(np.uint8), connectivity=conn)
+            parts = label_components(high, connectivity=conn)
             for p in range(1, int(parts.max()) + 1):
                 part = parts == p
                 if part.sum() >= min_size:

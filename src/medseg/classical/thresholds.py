@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from skimage import filters
 
-from medseg.classical._common import as_image, as_mask, values, window_voxels
+from medseg.classical.common import as_image, as_mask, values, window_voxels
 from medseg.errors import MedsegError
 from medseg.io.image import Image
 

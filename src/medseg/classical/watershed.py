@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
-from medseg.classical._common import as_image, as_mask
+from medseg.classical.common import as_image, as_mask
+from medseg.classical.thresholds import threshold, threshold_value
 from medseg.errors import MedsegError
+from medseg.imaging.morphology import ball_structure
 from medseg.io.files import to_sitk
 from medseg.io.image import Image
 
@@ -25,15 +28,10 @@ def _gradient(image: Image, sigma_mm: float) -> np.ndarray:
 
 def auto_markers(image: Image | np.ndarray, *, erode_mm: float = 2.0) -> Image:
     """Markers from Otsu: 1 = surely background, 2 = surely foreground (each eroded by ``erode_mm``)."""
-    from medseg.classical.thresholds import threshold_value
-    from medseg.inference.postprocess import ball_structure
-
     image = as_image(image)
     t = threshold_value(image, method="otsu")
     fg = image.array > t
     structure = ball_structure(erode_mm, image.spacing)
-    from scipy import ndimage
-
     markers = np.zeros(image.shape, dtype=np.int32)
     markers[ndimage.binary_erosion(~fg, structure=structure, border_value=1)] = 1
     markers[ndimage.binary_erosion(fg, structure=structure)] = 2
@@ -108,8 +106,6 @@ def _init_level_set(image: Image, init: Image | np.ndarray | str) -> np.ndarray 
                 f"unknown initial level set {init!r} (checkerboard, disk, otsu or a mask)"
             )
         if init == "otsu":
-            from medseg.classical.thresholds import threshold
-
             return threshold(image, method="otsu").array.astype(np.int8)
         if init == "disk" and image.ndim == 3:
             return "ball"

@@ -5,39 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from medseg import api
+from medseg.classical import METHODS
+from medseg.classical.batch import CASTS
+from medseg.filters import FILTERS
 from medseg.settings import Settings
-
-_METHODS = [
-    "threshold",
-    "otsu",
-    "multiotsu",
-    "kittler",
-    "li",
-    "triangle",
-    "percentile",
-    "mean",
-    "gaussian",
-    "sauvola",
-    "niblack",
-    "region_growing",
-    "fcm",
-    "watershed",
-    "chan_vese",
-    "geodesic_active_contour",
-    "components",
-]
-_FILTERS = [
-    "gaussian",
-    "median",
-    "bilateral",
-    "anisotropic_diffusion",
-    "nl_means",
-    "n4",
-    "clahe",
-    "histogram_match",
-    "window",
-    "normalize",
-]
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -80,7 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Segment with a classical method; options go as -p KEY=VALUE "
         "(see docs/classical.md and the medseg.classical functions).",
     )
-    p.add_argument("method", choices=_METHODS)
+    p.add_argument("method", choices=list(METHODS))
     _common(p)
     p.add_argument(
         "--seed", action="append", type=_seed, help="region-growing seed X,Y[,Z] (repeatable)"
@@ -96,22 +68,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="image filters: denoising, N4, CLAHE, histogram matching, CT windows",
         description="Filter images; options go as -p KEY=VALUE (see docs/classical.md).",
     )
-    f.add_argument("filter", choices=_FILTERS)
+    f.add_argument("filter", choices=list(FILTERS))
     _common(f)
     f.add_argument("--reference", help="reference image of histogram_match")
     f.add_argument("--preset", help="CT window preset: brain, lung, abdomen, bone, ...")
     f.add_argument("--mask", help="N4 fitting mask / normalization statistics mask")
     f.add_argument(
         "--cast",
-        choices=["uint8", "uint16", "int16", "float32"],
+        choices=CASTS,
         help="round and cast the output (PNG needs integers)",
     )
     f.set_defaults(handler=run_filter)
 
 
 def run_classical(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     options = dict(args.param)
     if args.seed:
         options["seeds"] = args.seed
@@ -133,8 +103,6 @@ def run_classical(args: argparse.Namespace, settings: Settings, show_progress: b
 
 
 def run_filter(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     options = dict(args.param)
     for key in ("reference", "preset", "mask"):
         if getattr(args, key):

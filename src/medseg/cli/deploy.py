@@ -4,9 +4,13 @@ options of ``medseg predict`` (backend, TTA axes, workers, uncertainty, recorded
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from medseg import api
+from medseg.cli.common import parse_folds, print_json, trained_folds
+from medseg.export import FORMATS, INT8_MODES
+from medseg.inference.predictor import BACKENDS
+from medseg.runtime import PRECISIONS
 from medseg.settings import Settings
 
 
@@ -23,15 +27,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``export`` and ``postprocess``, and extend ``predict`` with the deploy options."""
     p = sub.add_parser("export", help="export a trained model to ONNX (fp32/int8) or TorchScript")
     p.add_argument("model", help="model folder (or a work folder holding model/)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument(
         "--int8",
         nargs="?",
         const="dynamic",
-        choices=["dynamic", "static", "both"],
+        choices=[*INT8_MODES, "both"],
         help="also write int8 ONNX: dynamic (default), static (calibrated on training patches) or both",
     )
-    p.add_argument("--folds", help="folds to export, e.g. 0,1 (default: all trained)")
+    p.add_argument(
+        "--folds", type=parse_folds, help="folds to export, e.g. 0,1 (default: all trained)"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run_export)
 
@@ -51,7 +57,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="choose postprocessing on the validation folds and record it in the model folder",
     )
     p.add_argument("model", help="model folder (or a work folder holding model/)")
-    p.add_argument("--folds", help="folds whose validation cases are used (default: all trained)")
+    p.add_argument(
+        "--folds",
+        type=parse_folds,
+        help="folds whose validation cases are used (default: all trained)",
+    )
     p.add_argument(
         "--tta", action="store_true", help="mirroring TTA for the validation predictions"
     )
@@ -64,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         g = predict.add_argument_group("fast inference")
         g.add_argument(
             "--backend",
-            choices=["torch", "onnx", "onnx-int8", "onnx-int8-static"],
+            choices=BACKENDS,
             default="torch",
             help="run the network with PyTorch or an exported ONNX model (onnxruntime)",
         )
@@ -73,7 +83,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )
         g.add_argument(
             "--precision",
-            choices=["auto", "fp32", "bf16"],
+            choices=PRECISIONS,
             default="auto",
             help="bf16: bfloat16 autocast on CPU (PyTorch backend; fast with AMX/AVX512-BF16);"
             " auto: bf16 where the CPU has it natively, else fp32",
@@ -92,21 +102,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         predict.set_defaults(handler=run_predict)
 
 
-def _fold_list(value: str | None) -> list[int] | None:
-    from medseg.errors import MedsegError
-
-    if value is None or value == "all":
-        return None
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise MedsegError(f"--folds takes 'all' or numbers like 0,1,2 (got {value!r})") from None
-
-
 def run_export(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.serialization import to_jsonable
-
     int8 = {"dynamic": ("dynamic",), "static": ("static",), "both": ("dynamic", "static")}.get(
         args.int8 or "", ()
     )
@@ -114,45 +110,39 @@ def run_export(args: argparse.Namespace, settings: Settings, show_progress: bool
         args.model,
         fmt=args.format,
         int8=int8,
-        folds=_fold_list(args.folds),
+        folds=trained_folds(args.folds),
         overwrite=args.overwrite,
     )
-    print(json.dumps(to_jsonable(report), indent=2))
+    print_json(report)
     return 0
 
 
 def run_prune(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     report = api.prune(args.model, args.output, keep=args.keep, overwrite=args.overwrite)
-    print(json.dumps(report, indent=2))
+    print_json(report)
     return 0
 
 
 def run_postprocess(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     config = api.select_postprocessing(
         args.model,
-        folds=_fold_list(args.folds),
+        folds=trained_folds(args.folds),
         mirror=args.tta,
         max_cases=args.max_cases,
         device=settings.device,
         overwrite=args.overwrite,
         show_progress=show_progress,
     )
-    print(json.dumps(config.to_json(), indent=2))
+    print_json(config.to_json())
     return 0
 
 
 def run_predict(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     results = api.predict(
         args.model,
         args.input,
         args.output,
-        folds=args.folds if args.folds != [-1] else None,
+        folds=trained_folds(args.folds),
         mirror=args.tta,
         mirror_axes=args.tta_axes,
         largest_component=args.largest_component,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from medseg import api
+from medseg.cli.common import print_json
+from medseg.evaluation.evaluate import labels_from_dataset_json
+from medseg.evaluation.metrics import EMPTY_POLICIES
 from medseg.settings import Settings
 
 
@@ -22,7 +25,7 @@ def _add_metric_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--empty",
-        choices=("nan", "penalty"),
+        choices=EMPTY_POLICIES,
         default="nan",
         help="empty-mask policy: nan (nnU-Net, default) or penalty (BraTS-style)",
     )
@@ -95,14 +98,9 @@ def _brief(summary: dict) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.serialization import to_jsonable
-
     labels = None
     source = args.dataset_json or args.labels
     if source:
-        from medseg.evaluation.evaluate import labels_from_dataset_json
-
         labels = dict(labels_from_dataset_json(source))
     report = api.evaluate(
         args.pred_dir,
@@ -117,14 +115,11 @@ def run_evaluate(args: argparse.Namespace, settings: Settings, show_progress: bo
         show_progress=show_progress,
         **_metric_options(args),
     )
-    print(json.dumps(to_jsonable(_brief(report.summary)), indent=2))
+    print_json(_brief(report.summary))
     return 0
 
 
 def run_evaluate_cv(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.serialization import to_jsonable
-
     report = api.evaluate_cross_validation(
         args.work_dir,
         args.output,
@@ -133,5 +128,5 @@ def run_evaluate_cv(args: argparse.Namespace, settings: Settings, show_progress:
         show_progress=show_progress,
         **_metric_options(args),
     )
-    print(json.dumps(to_jsonable(_brief(report.summary)), indent=2))
+    print_json(_brief(report.summary))
     return 0

@@ -1,13 +1,19 @@
-"""Commands of the hospital group: ``medseg deidentify``, ``medseg pacs ...``, ``medseg serve``."""
+"""Commands of the hospital group: ``medseg deidentify``, ``medseg pacs ...``, ``medseg serve``.
+
+:mod:`medseg.pacs` and :mod:`medseg.serve` need the ``hospital`` extra (pydicom, DICOMweb,
+FastAPI), so they are imported when their command runs and the other commands work
+without it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import sys
 from pathlib import Path
 
+from medseg import api
+from medseg.cli.common import print_json
 from medseg.errors import MedsegError
 from medseg.settings import Settings
 
@@ -127,15 +133,7 @@ def _client(args: argparse.Namespace):
     return connect(args.url, token=_token(args.token_file))
 
 
-def _print(data) -> None:
-    from medseg.serialization import to_jsonable
-
-    print(json.dumps(to_jsonable(data), indent=2))
-
-
 def run_deidentify(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     written = api.deidentify(args.source, args.output, seed=args.seed, overwrite=args.overwrite)
     print(f"{len(written)} file(s) de-identified into {args.output}", file=sys.stderr)
     return 0
@@ -165,8 +163,6 @@ def run_pull(args: argparse.Namespace, settings: Settings, show_progress: bool) 
 
 
 def run_segment(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     result = api.segment_dicom(
         args.model,
         args.source,
@@ -179,7 +175,7 @@ def run_segment(args: argparse.Namespace, settings: Settings, show_progress: boo
         overwrite=args.overwrite,
         device=settings.device,
     )
-    _print(result)
+    print_json(result)
     return 0
 
 
@@ -209,7 +205,7 @@ def run_study(args: argparse.Namespace, settings: Settings, show_progress: bool)
         rtstruct=args.rtstruct,
         push_result=not args.no_push,
     )
-    _print(summary)
+    print_json(summary)
     return 0
 
 
@@ -226,7 +222,7 @@ def run_watch(args: argparse.Namespace, settings: Settings, show_progress: bool)
         max_cycles=args.max_cycles,
         on_result=lambda s: print(f"{s['study_uid']}: SEG pushed ({s['pushed']})", file=sys.stderr),
     )
-    _print(state)
+    print_json(state)
     return 0
 
 
@@ -250,12 +246,7 @@ def run_serve(args: argparse.Namespace, settings: Settings, show_progress: bool)
             f"--host {args.host}: binding beyond loopback needs --token-file (clients send it as "
             "'Authorization: Bearer <token>')"
         )
-    if (
-        not (Path(args.model) / "plan.json").exists()
-        and not (Path(args.model) / "model" / "plan.json").exists()
-    ):
-        raise MedsegError(f"{args.model}: not a model folder (no plan.json)")
-    app = create_app(
+    app = create_app(  # checks the model folder (medseg.model_folder.ModelFolder.open)
         args.model,
         data_dir=args.data_dir,
         token=token,

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
+from medseg import api
+from medseg.cli.common import print_json
+from medseg.registration.atlas import FUSIONS
+from medseg.registration.classical import INITS, METRICS
+from medseg.registration.fields import LABEL_MODES
+from medseg.registration.learned import SIMILARITIES, RegistrationTrainConfig
+from medseg.registration.pipeline import ALL_METHODS
+from medseg.runtime import PRECISIONS
 from medseg.settings import Settings
-
-METHODS = ("translation", "rigid", "similarity", "affine", "bspline", "demons", "learned")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +26,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--method", choices=METHODS, default="affine")
+    p.add_argument("--method", choices=ALL_METHODS, default="affine")
     p.add_argument(
         "--metric",
-        choices=["mse", "ncc", "mattes"],
+        choices=METRICS,
         default="mattes",
         help="similarity metric (mattes: mutual information, for multi-modal pairs)",
     )
     p.add_argument(
         "--init",
-        choices=["geometry", "moments", "none"],
+        choices=INITS,
         default="geometry",
         help="centred initialization by image centres or centres of mass",
     )
@@ -36,7 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed-labels", help="fixed label map: report Dice of the warped labels")
     p.add_argument(
         "--label-interpolation",
-        choices=["nearest", "linear"],
+        choices=LABEL_MODES,
         default="nearest",
         help="linear: one-hot linear interpolation then arg-max",
     )
@@ -45,7 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model folder for --method learned")
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=[p for p in PRECISIONS if p != "auto"],
         default="fp32",
         help="learned: bf16 runs the network in bfloat16 (faster on CPUs with AMX/AVX-512 BF16)",
     )
@@ -61,7 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--time-budget", type=float, metavar="MINUTES")
     t.add_argument("--epochs", type=int)
     t.add_argument("--iterations-per-epoch", type=int)
-    t.add_argument("--similarity", choices=["ncc", "mse"])
+    t.add_argument("--similarity", choices=SIMILARITIES)
     t.add_argument("--smoothness", type=float, help="weight of the smoothness penalty (default 1)")
     t.add_argument(
         "--dice-weight", type=float, help="weight of the label Dice term; 0: unsupervised"
@@ -76,9 +83,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("target")
     a.add_argument("--atlases", required=True, help="dataset folder of labelled atlases")
     a.add_argument("-o", "--output", required=True, help="output label file or folder")
-    a.add_argument("--method", choices=METHODS, default="demons")
-    a.add_argument("--metric", choices=["mse", "ncc", "mattes"], default="mattes")
-    a.add_argument("--fusion", choices=["majority", "weighted"], default="majority")
+    a.add_argument("--method", choices=ALL_METHODS, default="demons")
+    a.add_argument("--metric", choices=METRICS, default="mattes")
+    a.add_argument("--fusion", choices=FUSIONS, default="majority")
     a.add_argument("--max-atlases", type=int, help="use the first N labelled cases")
     a.add_argument("--model", help="model folder for --method learned")
     a.add_argument("--overwrite", action="store_true")
@@ -86,8 +93,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_register(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     summary = api.register(
         args.fixed,
         args.moving,
@@ -100,7 +105,7 @@ def run_register(args: argparse.Namespace, settings: Settings, show_progress: bo
         label_mode=args.label_interpolation,
         fixed_mask=args.fixed_mask,
         moving_mask=args.moving_mask,
-        model=args.model,
+        model_dir=args.model,
         precision=args.precision,
         report=not args.no_report,
         overwrite=args.overwrite,
@@ -114,12 +119,6 @@ def run_register(args: argparse.Namespace, settings: Settings, show_progress: bo
 def run_train_registration(
     args: argparse.Namespace, settings: Settings, show_progress: bool
 ) -> int:
-    from dataclasses import replace
-
-    from medseg import api
-    from medseg.registration.learned import RegistrationTrainConfig
-    from medseg.serialization import to_jsonable
-
     changes = {
         "time_budget_minutes": args.time_budget,
         "max_epochs": args.epochs,
@@ -141,13 +140,11 @@ def run_train_registration(
         resume=not args.no_resume,
         show_progress=show_progress,
     )
-    print(json.dumps(to_jsonable(result), indent=2))
+    print_json(result)
     return 0
 
 
 def run_atlas_segment(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     summary = api.atlas_segment(
         args.target,
         args.atlases,
@@ -156,9 +153,9 @@ def run_atlas_segment(args: argparse.Namespace, settings: Settings, show_progres
         metric=args.metric,
         fusion=args.fusion,
         max_atlases=args.max_atlases,
-        model=args.model,
+        model_dir=args.model,
         overwrite=args.overwrite,
         show_progress=show_progress,
     )
-    print(json.dumps(summary, indent=2))
+    print_json(summary)
     return 0

@@ -5,49 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from medseg import api
+from medseg.cli.common import (
+    add_train_options,
+    comma_floats,
+    comma_list,
+    parse_folds,
+    print_json,
+    resolve_folds,
+    train_config,
+    trained_folds,
+    with_default_budget,
+)
+from medseg.ensembling import METHODS as ENSEMBLE_METHODS
+from medseg.errors import MedsegError
+from medseg.models import registered_models
 from medseg.settings import Settings
-
-
-def _paths(value: str) -> list[str]:
-    items = [v for v in value.split(",") if v]
-    if not items:
-        raise argparse.ArgumentTypeError("give at least one folder")
-    return items
-
-
-def _floats(value: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.3,0.7 (got {value!r})") from None
-
-
-def _folds(value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected fold numbers like 0,1 (got {value!r})"
-        ) from None
+from medseg.training import TrainConfig
+from medseg.tuning.search import PRUNERS, SAMPLERS
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from medseg.cli.main import _add_train_options
-
     p = sub.add_parser("ensemble", help="predict with several trained models combined")
     p.add_argument("input", help="an image file or a folder of images")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--models", type=_paths, required=True, help="model folders, comma-separated")
-    p.add_argument("--method", choices=["mean", "weighted", "vote"], default="mean")
-    p.add_argument("--weights", type=_floats, help="one weight per model (--method weighted)")
+    p.add_argument(
+        "--models", type=comma_list, required=True, help="model folders, comma-separated"
+    )
+    p.add_argument("--method", choices=ENSEMBLE_METHODS, default="mean")
+    p.add_argument("--weights", type=comma_floats, help="one weight per model (--method weighted)")
     p.add_argument(
         "--from-selection",
         metavar="JSON",
         help="use the best combination of an `ensemble-select` result instead of --models",
     )
-    p.add_argument("--folds", type=_folds, help="folds of each model (default: all trained)")
+    p.add_argument("--folds", type=parse_folds, help="folds of each model (default: all trained)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run_ensemble)
@@ -56,13 +51,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "ensemble-select",
         help="score models and their combinations on cross-validation; pick the best",
     )
-    p.add_argument("--models", type=_paths, required=True, help="model folders, comma-separated")
-    p.add_argument("-o", "--output", required=True, help="selection JSON to write")
     p.add_argument(
-        "--methods", type=lambda v: tuple(v.split(",")), default=("mean", "weighted", "vote")
+        "--models", type=comma_list, required=True, help="model folders, comma-separated"
     )
+    p.add_argument("-o", "--output", required=True, help="selection JSON to write")
+    p.add_argument("--methods", type=lambda v: tuple(v.split(",")), default=ENSEMBLE_METHODS)
     p.add_argument("--max-members", type=int, default=3)
-    p.add_argument("--folds", type=_folds)
+    p.add_argument("--folds", type=parse_folds)
     p.add_argument("--tta", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run_select)
@@ -71,9 +66,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset")
     p.add_argument("-w", "--work-dir", help="the student's work folder")
     p.add_argument(
-        "--teacher", type=_paths, required=True, help="teacher model folder(s), comma-separated"
+        "--teacher", type=comma_list, required=True, help="teacher model folder(s), comma-separated"
     )
-    p.add_argument("--student", default="mobile_unet", help="registered architecture")
+    p.add_argument(
+        "--student",
+        default="mobile_unet",
+        help="registered architecture: " + ", ".join(registered_models(task="segmentation")),
+    )
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--distill-weight", type=float, default=0.5, help="share of the KL term (0..1)")
     p.add_argument(
@@ -82,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="weight of feature distillation on the decoder levels (0: off)",
     )
-    _add_train_options(p)
+    add_train_options(p)
     p.set_defaults(handler=run_distill)
 
     p = sub.add_parser("tune", help="hyper-parameter search with Optuna")
@@ -90,8 +89,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-w", "--work-dir")
     p.add_argument("--space", required=True, help="search space YAML")
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--sampler", choices=["grid", "random", "tpe"], default="tpe")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
     p.add_argument("--parallel", type=int, default=1, help="trials at once (threads)")
     p.add_argument("--fold", type=int, default=0, help="the fold every trial trains")
     p.add_argument(
@@ -100,14 +99,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="MINUTES",
         help="each trial trains for this long (its own warmup and schedule) instead of --epochs",
     )
-    _add_train_options(p)
+    add_train_options(p)
     p.set_defaults(handler=run_tune)
 
 
 def run_ensemble(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.errors import MedsegError
-
     models, method, weights = args.models, args.method, args.weights
     if args.from_selection:
         try:
@@ -123,7 +119,7 @@ def run_ensemble(args: argparse.Namespace, settings: Settings, show_progress: bo
         args.output,
         method=method,
         weights=weights,
-        folds=args.folds,
+        folds=trained_folds(args.folds),
         mirror=args.tta,
         overwrite=args.overwrite,
         device=settings.device if settings.device != "auto" else "cpu",
@@ -134,14 +130,12 @@ def run_ensemble(args: argparse.Namespace, settings: Settings, show_progress: bo
 
 
 def run_select(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-
     path = api.select_ensemble(
         args.models,
         args.output,
         methods=args.methods,
         max_members=args.max_members,
-        folds=args.folds,
+        folds=trained_folds(args.folds),
         mirror=args.tta,
         overwrite=args.overwrite,
         device=settings.device if settings.device != "auto" else "cpu",
@@ -151,23 +145,8 @@ def run_select(args: argparse.Namespace, settings: Settings, show_progress: bool
     return 0
 
 
-def _config(args: argparse.Namespace):
-    from dataclasses import replace
-
-    from medseg.cli.main import _train_config
-
-    config = _train_config(args)
-    if config.time_budget_minutes is None and args.epochs is None:
-        print("medseg: no --epochs or --time-budget given: at most 60 minutes", file=sys.stderr)
-        config = replace(config, time_budget_minutes=60.0)
-    return config
-
-
 def run_distill(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.cli.main import _print_json, _resolve_folds
-
-    config = _config(args)
+    config = with_default_budget(train_config(args), args)
     results = api.distill(
         args.dataset,
         settings.work_dir,
@@ -177,20 +156,17 @@ def run_distill(args: argparse.Namespace, settings: Settings, show_progress: boo
         weight=args.distill_weight,
         feature_weight=args.feature_weight,
         config=config,
-        folds=_resolve_folds(args.folds, config.num_folds),
+        folds=resolve_folds(args.folds, config.num_folds),
         split_file=args.split,
         num_workers=settings.num_workers,
         show_progress=show_progress,
     )
-    _print_json(results)
+    print_json(results)
     return 0
 
 
 def run_tune(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
-    from medseg import api
-    from medseg.cli.main import _print_json, _train_config
-
-    config = _train_config(args)
+    config = train_config(args)
     summary = api.tune(
         args.dataset,
         settings.work_dir,
@@ -208,15 +184,11 @@ def run_tune(args: argparse.Namespace, settings: Settings, show_progress: bool) 
         parallel=args.parallel,
         show_progress=show_progress,
     )
-    _print_json(summary)
+    print_json(summary)
     return 0
 
 
-def _trial_config(config, args):
-    from dataclasses import replace
-
-    from medseg.errors import MedsegError
-
+def _trial_config(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     if args.trial_minutes is not None and args.trial_minutes <= 0:
         raise MedsegError(f"--trial-minutes must be positive (got {args.trial_minutes})")
     return replace(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pydicom
 
+from medseg.dicom.seg import save_dataset_atomic
+from medseg.dicom.series import dicom_folder, repair_header
 from medseg.errors import MedsegError
 
 BASIC_PROFILE = ("DCM", "113100", "Basic Application Confidentiality Profile")
@@ -31,8 +33,6 @@ _STUDY_LEVEL_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceU
 
 def _fill_empty_uids(ds: pydicom.Dataset, fills: dict[str, str]) -> None:
     """Give blanked UIDs a value, shared by all files of one call (some exports blank them)."""
-    from medseg.dicom.series import repair_header
-
     repair_header(ds)
     for keyword in _STUDY_LEVEL_UIDS:
         if keyword in ds and not ds.get(keyword):
@@ -83,9 +83,6 @@ def deidentify_folder(
     Files are named ``<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` after de-identification,
     so no original identifier survives in the paths either. Non-DICOM files are skipped.
     """
-    from medseg.dicom.seg import save_dataset_atomic
-    from medseg.dicom.series import dicom_folder
-
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise MedsegError(f"{output}: already exists and is not empty (use --overwrite)")

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
-from medseg.dicom.seg import _check_destination, _frames, save_dataset_atomic
+from medseg import __version__
+from medseg.dicom.seg import check_destination, save_dataset_atomic, seg_frames
 from medseg.dicom.series import DicomSeries
 from medseg.errors import MedsegError
 from medseg.io.image import Image
@@ -49,9 +50,7 @@ def make_rtstruct(
     label: Image, series: DicomSeries, *, labels: dict[int, str], model_name: str = "medseg"
 ) -> Dataset:
     """An RT Structure Set with one ROI per label present in ``label`` (grid of ``series``)."""
-    import medseg
-
-    _frames(label, series)  # the same grid check as for SEG
+    seg_frames(label, series)  # the same grid check as for SEG
     first = series.datasets[0]
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not first.get(key):
@@ -80,7 +79,7 @@ def make_rtstruct(
     ds.SeriesDescription = f"medseg {model_name}"[:64]
     ds.OperatorsName = ""
     ds.Manufacturer, ds.ManufacturerModelName = "medseg", model_name[:64]
-    ds.SoftwareVersions = str(medseg.__version__)
+    ds.SoftwareVersions = str(__version__)
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ""
     ds.StructureSetLabel = "MEDSEG"
@@ -141,7 +140,7 @@ def write_rtstruct(
     overwrite: bool = False,
 ) -> Path:
     """Write an RTSTRUCT for ``label`` (see :func:`make_rtstruct`), atomically."""
-    _check_destination(Path(path), overwrite)
+    check_destination(Path(path), overwrite)
     ds = make_rtstruct(label, series, labels=labels, model_name=model_name)
     return save_dataset_atomic(ds, path, overwrite=overwrite)
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from medseg import __version__
 from medseg.dicom.codes import code_for_label, load_code_table
 from medseg.dicom.series import DicomSeries
 from medseg.errors import MedsegError
+from medseg.imaging.atomic import atomic_path
 from medseg.io.image import Image
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
+def check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``path`` unless ``overwrite``; create its folder."""
     if path.exists() and not overwrite:
         raise MedsegError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,19 +25,13 @@ def _check_destination(path: Path, overwrite: bool) -> None:
 def save_dataset_atomic(dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a pydicom dataset to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
-    _check_destination(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    os.close(fd)
-    try:
+    check_destination(path, overwrite)
+    with atomic_path(path, suffix=".dcm") as tmp:
         dataset.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
-def _frames(label: Image, series: DicomSeries) -> np.ndarray:
+def seg_frames(label: Image, series: DicomSeries) -> np.ndarray:
     """The label map as DICOM frames ``(slice, row, column)`` in the series' slice order."""
     if not label.same_geometry(series.image, atol=1e-3):
         raise MedsegError(
@@ -78,22 +74,20 @@ def make_seg(
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
-    import medseg
-
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not series.datasets[0].get(key):
             raise MedsegError(
                 f"{series.files[0]}: empty {key}; a SEG cannot reference this series "
                 "(de-identify it first: that assigns UIDs)"
             )
-    frames = _frames(label, series)
+    frames = seg_frames(label, series)
     present = [int(v) for v in np.unique(frames) if v != 0]
     if not present:
         raise MedsegError(f"the label map for series {series.series_uid} is empty: no SEG written")
     table = load_code_table(code_table)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name,
-        version=f"medseg {medseg.__version__}",
+        version=f"medseg {__version__}",
         family=codes.cid7162.ArtificialIntelligence,
         source="medseg",
     )
@@ -128,7 +122,7 @@ def make_seg(
         instance_number=1,
         manufacturer="medseg",
         manufacturer_model_name=model_name[:64],
-        software_versions=str(medseg.__version__),
+        software_versions=str(__version__),
         device_serial_number="0",
         series_description=f"medseg {model_name}"[:64],
         content_label="MEDSEG",
@@ -149,7 +143,7 @@ def write_seg(
     overwrite: bool = False,
 ) -> Path:
     """Write a DICOM SEG file for ``label`` (see :func:`make_seg`), atomically."""
-    _check_destination(Path(path), overwrite)
+    check_destination(Path(path), overwrite)
     seg = make_seg(label, series, labels=labels, model_name=model_name, code_table=code_table)
     return save_dataset_atomic(seg, path, overwrite=overwrite)
 

@@ -1,18 +1,34 @@
 """Knowledge distillation: soft labels of a (fold-ensemble) teacher at temperature T.
 
-Used by the trainer when ``TrainConfig.distill`` is set: distillation is a training
-configuration, not another training loop.
+Distillation is a training configuration, not another training loop: when
+``TrainConfig.distill`` is set, the workflow attaches :class:`DistillationHook` (from
+:func:`make_distillation_hook`) to the training engine, which then mixes the teacher's
+soft labels (and decoder features) into every step's loss.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.planning.plan import Plan
-from medseg.training.config import DistillConfig
+from medseg.model_folder import ModelFolder
+from medseg.planning.plan import Plan, read_plan
+from medseg.runtime import resolve_precision
+from medseg.serialization import write_json_atomic
+from medseg.training.config import DistillConfig, TrainConfig
+from medseg.training.engine import Engine, Hook
+from medseg.training.finetune import check_teacher
 
 
 class DecoderTap:
@@ -199,16 +215,13 @@ def make_distiller(
     *,
     student: nn.Module | None = None,
 ) -> Distiller:
-    from medseg.ensembling.members import load_fold_models
-    from medseg.training.finetune import check_teacher
-
+    """The teacher of ``config`` (every fold of every teacher folder) on ``device``, and the
+    :class:`Distiller` around it; ``student`` sizes the feature adapters when
+    ``config.feature_weight > 0``."""
     models: list[nn.Module] = []
     for source in config.teachers:
         check_teacher(source, plan)
-        _, fold_models = load_fold_models(source, device=device)
-        models.extend(fold_models)
-    from medseg.runtime import resolve_precision
-
+        models.extend(ModelFolder.open(source).load_networks(device=device))
     features = config.feature_weight > 0
     precision = resolve_precision(config.teacher_precision, backend="torch", device=device)
     teacher = Teacher(models, tap_decoders=features, precision=precision).to(device)
@@ -216,17 +229,79 @@ def make_distiller(
     return Distiller(teacher, config, student=student, probe=probe)
 
 
+class DistillationHook(Hook):
+    """The engine hook of ``TrainConfig.distill``: teacher soft labels in every step's loss.
+
+    On start it loads the teacher on the engine's device and, with feature distillation,
+    sizes the adapters on the student and adds their parameters to the optimizer (they
+    train with the student and are saved in the resumable checkpoint, not with the
+    student's weights). Log columns: ``train_distill_kl`` (and ``train_distill_features``).
+
+    Parameters
+    ----------
+    config
+        The distillation settings (teachers, temperature, weights).
+    plan
+        The student's plan (the teachers must share its inputs and labels).
+    """
+
+    name = "distill"
+
+    def __init__(self, config: DistillConfig, plan: Plan) -> None:
+        self.config, self.plan = config, plan
+        self.distiller: Distiller | None = None
+
+    def on_start(self, engine: Engine) -> None:
+        self.distiller = make_distiller(self.config, self.plan, engine.device, student=engine.model)
+        if self.distiller.adapters is not None:  # trained with the student, not saved with it
+            engine.optimizer.add_param_group({"params": list(self.distiller.adapters.parameters())})
+
+    def loss(self, outputs: Any, batch: Any, loss: torch.Tensor) -> torch.Tensor:
+        """``batch`` is ``(images, labels)``: the teacher sees the same images."""
+        return self._distiller()(loss, outputs, batch[0])
+
+    def row(self, engine: Engine) -> dict[str, float]:
+        distiller = self._distiller()
+        row = {"train_distill_kl": distiller.epoch_kl()}
+        if distiller.adapters is not None:
+            row["train_distill_features"] = distiller.epoch_feature_loss()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        adapters = self._distiller().adapters
+        return {"adapters": adapters.state_dict()} if adapters is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        adapters = self._distiller().adapters
+        if adapters is not None and state.get("adapters"):
+            adapters.load_state_dict(state["adapters"])
+
+    def _distiller(self) -> Distiller:
+        if self.distiller is None:
+            raise RuntimeError("the distillation hook has not started (no engine yet)")
+        return self.distiller
+
+
+def make_distillation_hook(config: DistillConfig, plan: Plan) -> DistillationHook:
+    """The hook that trains a student with ``config``'s teachers (see :class:`DistillationHook`).
+
+    Pass it to :func:`medseg.training.train_fold` (``hooks=[...]``); use a new hook for
+    every fold.
+    """
+    return DistillationHook(config, plan)
+
+
 def distill_config_for(
-    work_dir,
-    teachers,
+    work_dir: str | os.PathLike,
+    teachers: list[str | os.PathLike],
     *,
     student: str = "mobile_unet",
     temperature: float = 2.0,
     weight: float = 0.5,
     feature_weight: float = 0.0,
-    config=None,
-    labels=None,
-):
+    config: TrainConfig | None = None,
+    labels: tuple[tuple[int, str], ...] | None = None,
+) -> tuple[TrainConfig, Plan]:
     """The training configuration and plan of a distillation run in ``work_dir``.
 
     The student shares the first teacher's plan (so teacher and student see the same
@@ -234,20 +309,9 @@ def distill_config_for(
     has its own; the teachers are checked (against ``labels``, the dataset's, too)
     before anything is written.
     """
-    import shutil
-    from dataclasses import replace
-    from pathlib import Path
-
-    from medseg.ensembling.members import model_folder
-    from medseg.errors import MedsegError
-    from medseg.planning.plan import read_plan
-    from medseg.serialization import write_json_atomic
-    from medseg.training.config import TrainConfig
-    from medseg.training.finetune import check_teacher
-
     if not teachers:
         raise MedsegError("distillation needs at least one teacher model folder (--teacher)")
-    folders = [model_folder(t) for t in teachers]
+    folders = [ModelFolder.open(t).path for t in teachers]
     work = Path(work_dir)
     plan = read_plan(work) if (work / "plan.json").exists() else read_plan(folders[0])
     if labels is not None and tuple(map(tuple, labels)) != tuple(plan.labels):
@@ -274,8 +338,6 @@ def distill_config_for(
 
 def _patch_seconds(models: list[nn.Module], plan: Plan, repeats: int = 3) -> float:
     """Median seconds of one forward pass of every network on one plan-sized patch."""
-    import time
-
     x = torch.randn(1, plan.num_channels, *plan.patch_size)
     times = []
     with torch.inference_mode():
@@ -289,13 +351,11 @@ def _patch_seconds(models: list[nn.Module], plan: Plan, repeats: int = 3) -> flo
     return float(sorted(times)[len(times) // 2])
 
 
-def distillation_report(teachers, student_dir) -> dict:
+def distillation_report(
+    teachers: list[str | os.PathLike], student_dir: str | os.PathLike
+) -> dict[str, Any]:
     """Student vs teacher: best validation Dice of each fold (from ``train_result.json``),
     parameters, and seconds per patch forward (the teacher as the fold ensemble it is)."""
-    import json
-    from pathlib import Path
-
-    from medseg.ensembling.members import load_fold_models, model_folder
 
     def dice(folder: Path) -> float | None:
         values = [
@@ -308,16 +368,18 @@ def distillation_report(teachers, student_dir) -> dict:
     teacher_dice = []
     plan = None
     for t in teachers:
-        plan, models = load_fold_models(t, device="cpu")
-        teacher_models.extend(models)
-        teacher_dice.append(dice(model_folder(t)))
-    student_plan, student_models = load_fold_models(student_dir, device="cpu")
+        folder = ModelFolder.open(t)
+        plan = folder.plan
+        teacher_models.extend(folder.load_networks(device="cpu"))
+        teacher_dice.append(dice(folder.path))
+    student = ModelFolder.open(student_dir)
+    student_models = student.load_networks(device="cpu")
     known = [d for d in teacher_dice if d is not None]
     t_sec = _patch_seconds(teacher_models, plan)
-    s_sec = _patch_seconds(student_models[:1], student_plan)
+    s_sec = _patch_seconds(student_models[:1], student.plan)
     return {
         "teacher_val_dice": float(sum(known) / len(known)) if known else None,
-        "student_val_dice": dice(model_folder(student_dir)),
+        "student_val_dice": dice(student.path),
         "teacher_networks": len(teacher_models),
         "teacher_parameters": sum(p.numel() for m in teacher_models for p in m.parameters()),
         "student_parameters": sum(p.numel() for p in student_models[0].parameters()),

@@ -18,10 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.ensembling.members import load_fold_models, member_probabilities, model_folder
+from medseg.ensembling.members import load_fold_models, member_probabilities
 from medseg.errors import MedsegError
+from medseg.imaging.overlap import dice_per_class
+from medseg.inference.batch import collect_inputs, group_inputs
 from medseg.io.dataset import DatasetSpec, read_case_image, read_case_label
+from medseg.io.files import image_suffix, read_image_channels, write_image
 from medseg.io.image import Image
+from medseg.model_folder import ModelFolder
 from medseg.planning.plan import Plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
 from medseg.progress import progress
@@ -127,16 +131,6 @@ def check_compatible(members: list[Member]) -> None:
             raise MedsegError(f"{m.source}: expects other input channels than {members[0].source}")
 
 
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
-    out = np.full(num_classes - 1, np.nan)
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = p.sum() + r.sum()
-        if denom:
-            out[c - 1] = 2.0 * np.logical_and(p, r).sum() / denom
-    return out
-
-
 def mean_dice(preds: list[np.ndarray], refs: list[np.ndarray], num_classes: int) -> float:
     """Mean over classes of the mean over cases of foreground Dice (NaN-aware)."""
     scores = np.array([dice_per_class(p, r, num_classes) for p, r in zip(preds, refs)])
@@ -197,7 +191,7 @@ class Selection:
 def _common_splits(sources: list[str]) -> list[dict]:
     splits = None
     for s in sources:
-        path = model_folder(s) / "splits.json"
+        path = ModelFolder.open(s).path / "splits.json"
         if not path.exists():
             raise MedsegError(f"{path}: missing; ensemble selection needs cross-validation splits")
         data = json.loads(path.read_text())
@@ -234,13 +228,10 @@ def select_best(
         if m not in METHODS:
             raise MedsegError(f"unknown ensemble method {m!r} (use {', '.join(METHODS)})")
     splits = _common_splits(sources)
-    spec = DatasetSpec.from_json(
-        json.loads((model_folder(sources[0]) / "dataset.json").read_text())
-    )
+    members = [ModelFolder.open(s) for s in sources]
+    spec = DatasetSpec.from_json(json.loads((members[0].path / "dataset.json").read_text()))
     # Folds every member has trained.
-    from medseg.inference.predictor import available_folds
-
-    common = sorted(set.intersection(*(set(available_folds(model_folder(s))) for s in sources)))
+    common = sorted(set.intersection(*(set(m.folds()) for m in members)))
     folds = common if folds is None else [f for f in folds if f in common]
     if not folds:
         raise MedsegError("the models have no trained fold in common")
@@ -294,9 +285,6 @@ def ensemble_predict_folder(
     show_progress: bool = True,
 ) -> list[Path]:
     """Predict every case under ``input_path`` with the ensemble; outputs keep the input geometry."""
-    from medseg.inference.predictor import collect_inputs, group_inputs
-    from medseg.io.files import image_suffix, read_image_channels, write_image
-
     if method not in METHODS:
         raise MedsegError(f"unknown ensemble method {method!r} (use {', '.join(METHODS)})")
     if method == "weighted" and (weights is None or len(weights) != len(sources)):

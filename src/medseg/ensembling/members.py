@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medseg.errors import MedsegError
-from medseg.inference.predictor import load_networks, select_folds
+from medseg.model_folder import ModelFolder
 from medseg.models.sliding_window import sliding_window_logits
-from medseg.planning.plan import Plan, read_plan
-
-
-def model_folder(source: str | os.PathLike) -> Path:
-    """A model folder (plan.json + fold_<k>/) from itself or the work folder holding it."""
-    path = Path(source)
-    if (path / "model" / "plan.json").exists():
-        return path / "model"
-    if not (path / "plan.json").exists():
-        raise MedsegError(f"{path}: not a medseg model folder (no plan.json)")
-    return path
+from medseg.planning.plan import Plan
 
 
 def load_fold_models(
@@ -31,14 +19,13 @@ def load_fold_models(
     checkpoint: str = "best",
     device: torch.device | str = "cpu",
 ) -> tuple[Plan, list[torch.nn.Module]]:
-    """The plan and the eval-mode networks of ``folds`` (default: every trained fold)."""
-    model_dir = model_folder(source)
-    plan = read_plan(model_dir)
-    folds = select_folds(model_dir, folds, checkpoint)
-    models = load_networks(
-        model_dir, plan, folds, checkpoint=checkpoint, device=torch.device(device)
-    )
-    return plan, models
+    """The plan and the eval-mode networks of ``folds`` (default: every trained fold).
+
+    ``source`` is a model folder or a work folder holding one (see
+    :meth:`medseg.model_folder.ModelFolder.open`); ``checkpoint`` is ``"best"`` or ``"last"``.
+    """
+    folder = ModelFolder.open(source)
+    return folder.plan, folder.load_networks(folds, kind=checkpoint, device=device)
 
 
 def member_probabilities(

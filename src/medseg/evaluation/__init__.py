@@ -3,13 +3,9 @@
 from medseg.evaluation.crossval import evaluate_cross_validation, find_folds
 from medseg.evaluation.distances import SurfaceDistances, compute_surface_distances
 from medseg.evaluation.evaluate import (
-    CaseMetrics,
-    EvaluationReport,
-    MetricOptions,
     evaluate_folders,
     evaluate_pairs,
     labels_from_dataset_json,
-    summarize,
     write_evaluation,
 )
 from medseg.evaluation.groups import group_summaries, read_groups
@@ -28,6 +24,7 @@ from medseg.evaluation.metrics import (
     confusion_counts,
     lesion_counts,
 )
+from medseg.evaluation.records import CaseMetrics, EvaluationReport, MetricOptions, summarize
 from medseg.evaluation.report import (
     render_overlay_png,
     save_overlay_png,

@@ -9,18 +9,16 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import (
-    EvaluationReport,
-    LabelsArg,
-    _list_cases,
-    _output_paths,
-    _refuse_existing,
-    _write_folder_report,
     evaluate_folders,
+    list_cases,
     normalize_labels,
-    summarize,
+    output_paths,
+    refuse_existing,
     write_evaluation,
+    write_folder_report,
 )
 from medseg.evaluation.groups import with_group_summaries
+from medseg.evaluation.records import EvaluationReport, LabelsArg, summarize
 
 
 def find_folds(work_dir: str | os.PathLike) -> dict[str, tuple[Path, Path, Path | None]]:
@@ -96,7 +94,7 @@ def evaluate_cross_validation(
     if labels is None:
         labels = _labels_of_work_dir(work)
     if output_dir is not None:
-        _refuse_existing(_output_paths(Path(output_dir)), overwrite)
+        refuse_existing(output_paths(Path(output_dir)), overwrite)
     reports = {
         name: evaluate_folders(pred, refs, labels=labels, show_progress=show_progress, **options)
         for name, (pred, refs, _) in folds.items()
@@ -131,11 +129,11 @@ def evaluate_cross_validation(
         write_evaluation(report, out, overwrite=overwrite)
         predictions, references, images = {}, {}, {}
         for pred, refs, image_dir in folds.values():
-            predictions.update(_list_cases(pred, "prediction"))
-            references.update(_list_cases(refs, "reference"))
+            predictions.update(list_cases(pred, "prediction"))
+            references.update(list_cases(refs, "reference"))
             if image_dir is not None:
-                images.update(_list_cases(image_dir, "image"))
-        _write_folder_report(
+                images.update(list_cases(image_dir, "image"))
+        write_folder_report(
             report,
             out,
             predictions,

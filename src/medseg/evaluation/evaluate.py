@@ -17,200 +17,51 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.evaluation.groups import GroupsArg, read_groups, with_group_summaries
 from medseg.evaluation.metrics import (
-    DISTANCE_METRICS,
-    OVERLAP_METRICS,
-    check_empty_policy,
     compute_metrics,
     distance_scores,
     lesion_counts,
     overlap_scores,
     present_values,
 )
-from medseg.io.dataset import _parse_labels
-from medseg.io.files import image_suffix, read_image, read_image_channels, strip_suffix
+from medseg.evaluation.records import (
+    SCORE_FIELDS,
+    CaseMetrics,
+    EvaluationReport,
+    LabelsArg,
+    MetricOptions,
+    summarize,
+)
+from medseg.evaluation.report import worst_cases, write_html_report
+from medseg.imaging.atomic import write_bytes_atomic
+from medseg.io.dataset import parse_labels
+from medseg.io.files import (
+    from_sitk,
+    image_suffix,
+    read_image,
+    read_image_channels,
+    strip_suffix,
+    to_sitk,
+)
 from medseg.io.image import Image
 from medseg.progress import progress
 from medseg.serialization import write_json_atomic
-
-LabelsArg = Mapping[int, str] | Sequence[tuple[int, str]]
 
 GEOMETRY_TOLERANCE = 1e-3
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
-STATISTICS = ("mean", "std", "median", "p5", "p25", "p75", "p95", "min", "max")
-LESION_FIELDS = (
-    "n_reference_lesions",
-    "n_predicted_lesions",
-    "lesion_tp",
-    "lesion_fp",
-    "lesion_fn",
-    "lesion_f1",
-)
 _MAX_NAMED = 20  # case names listed in one error or warning line
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
-
-
-@dataclass(frozen=True, eq=False)
-class CaseMetrics:
-    """Scores of one class in one case (volumes in mm^3, mm^2 for 2D images; distances in mm).
-
-    Equality treats NaN as equal to NaN (an undefined score matches itself).
-    """
-
-    case_id: str
-    label: int
-    label_name: str
-    dice: float
-    iou: float
-    tp: int
-    fp: int
-    fn: int
-    reference_voxels: int
-    predicted_voxels: int
-    reference_volume_mm3: float
-    predicted_volume_mm3: float
-    empty_reference: bool
-    empty_prediction: bool
-    precision: float = math.nan
-    recall: float = math.nan
-    specificity: float = math.nan
-    volume_similarity: float = math.nan
-    abs_volume_difference_mm3: float = math.nan
-    rel_volume_difference: float = math.nan
-    hd: float = math.nan
-    hd95: float = math.nan
-    assd: float = math.nan
-    masd: float = math.nan
-    nsd: float = math.nan
-    boundary_iou: float = math.nan
-    n_reference_lesions: int | None = None
-    n_predicted_lesions: int | None = None
-    lesion_tp: int | None = None
-    lesion_fp: int | None = None
-    lesion_fn: int | None = None
-    lesion_f1: float | None = None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CaseMetrics):
-            return NotImplemented
-        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
-
-    def __hash__(self) -> int:
-        return hash((self.case_id, self.label))
-
-
-_SCORE_FIELDS = (*OVERLAP_METRICS, *DISTANCE_METRICS, *LESION_FIELDS)
-# The per-row scores that summaries describe, in table order.
-SCORED_METRICS = tuple(
-    m for m in (*OVERLAP_METRICS, *DISTANCE_METRICS, "lesion_f1") if m != "specificity"
-) + ("specificity",)
-_FLOAT_FIELDS = (*OVERLAP_METRICS, *DISTANCE_METRICS, "lesion_f1")
-
-
-@dataclass(frozen=True)
-class MetricOptions:
-    """How the metrics of a case are computed (see :func:`evaluate_pairs`)."""
-
-    distances: bool = True
-    percentile: float = 95.0
-    tolerance_mm: float = 2.0
-    boundary_width_mm: float | None = None
-    empty: str = "nan"
-    max_distance_mm: float | None = None
-    lesions: bool = False
-    connectivity: int | None = None
-
-    def __post_init__(self) -> None:
-        check_empty_policy(self.empty)
-        if not 0 < self.percentile <= 100:
-            raise MedsegError(f"percentile must be in (0, 100], got {self.percentile}")
-        if self.tolerance_mm < 0:
-            raise MedsegError(f"NSD tolerance must be >= 0 mm, got {self.tolerance_mm}")
-
-    def describe(self) -> dict:
-        """The options as written into summaries."""
-        return {
-            "empty_policy": self.empty,
-            "distances": self.distances,
-            "hd_percentile": self.percentile,
-            "nsd_tolerance_mm": self.tolerance_mm,
-            "boundary_width_mm": (
-                self.tolerance_mm if self.boundary_width_mm is None else self.boundary_width_mm
-            ),
-            "max_distance_mm": self.max_distance_mm or "image diagonal",
-            "lesions": self.lesions,
-            "surface_definition": "surface-distance (DeepMind): marching-cubes surfels, area-weighted",
-        }
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """Per-case metrics of the scored (foreground) labels and their summary.
-
-    ``summary`` is JSON-ready: undefined statistics are ``None``.
-    """
-
-    labels: tuple[tuple[int, str], ...]
-    cases: tuple[CaseMetrics, ...]
-    summary: dict
-
-    @property
-    def case_ids(self) -> tuple[str, ...]:
-        """Case ids in the order of the rows."""
-        return tuple(dict.fromkeys(row.case_id for row in self.cases))
-
-    def mean_dice_per_case(self) -> dict[str, float]:
-        """Mean Dice over classes per case, NaN where every class is empty in both masks."""
-        scores: dict[str, list[float]] = {case_id: [] for case_id in self.case_ids}
-        for row in self.cases:
-            if not math.isnan(row.dice):
-                scores[row.case_id].append(row.dice)
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
-
-    def to_json(self) -> dict:
-        """Strict-JSON dict (NaN scores become ``None``)."""
-        rows = []
-        for row in self.cases:
-            data = {f.name: getattr(row, f.name) for f in fields(CaseMetrics)}
-            for key in _FLOAT_FIELDS:
-                value = data[key]
-                data[key] = None if value is None or not math.isfinite(value) else value
-            rows.append(data)
-        return {
-            "labels": [[value, name] for value, name in self.labels],
-            "cases": rows,
-            "summary": json.loads(json.dumps(self.summary)),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> EvaluationReport:
-        """Inverse of :meth:`to_json`."""
-        rows = []
-        for raw in data["cases"]:
-            row = dict(raw)
-            for key in _FLOAT_FIELDS:
-                if key in row and not (key == "lesion_f1" and row.get("lesion_tp") is None):
-                    row[key] = float("nan") if row[key] is None else float(row[key])
-            rows.append(CaseMetrics(**row))
-        return cls(
-            labels=tuple((int(v), str(n)) for v, n in data["labels"]),
-            cases=tuple(rows),
-            summary=dict(data["summary"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -233,7 +84,7 @@ def normalize_labels(labels: LabelsArg) -> tuple[tuple[int, str], ...]:
         ``(value, name)`` pairs, or bare values (named ``label_<v>``).
     """
     if isinstance(labels, Mapping):  # {value: name} or nnU-Net v2's {name: value}
-        labels = _parse_labels(dict(labels), Path("labels"))
+        labels = parse_labels(dict(labels), Path("labels"))
     pairs: dict[int, str] = {}
     for item in labels:
         value, name = (item, None) if isinstance(item, (int, np.integer)) else item
@@ -263,7 +114,7 @@ def labels_from_dataset_json(path: str | os.PathLike) -> tuple[tuple[int, str], 
         raise MedsegError(f"{path}: cannot read dataset.json ({exc})") from None
     if not isinstance(meta, dict) or "labels" not in meta:
         raise MedsegError(f"{path}: missing 'labels'")
-    return normalize_labels(_parse_labels(meta["labels"], path))
+    return normalize_labels(parse_labels(meta["labels"], path))
 
 
 def _label_array(array: np.ndarray, what: str, keep_255: bool) -> np.ndarray:
@@ -301,10 +152,6 @@ def _geometry_difference(pred: Image, ref: Image) -> str | None:
 
 def _resample_like(pred: Image, ref: Image) -> Image:
     """The prediction on the reference's grid (nearest neighbour, 0 outside)."""
-    import SimpleITK as sitk
-
-    from medseg.io.files import from_sitk, to_sitk
-
     if pred.ndim != ref.ndim:
         raise MedsegError(f"prediction is {pred.ndim}D, reference {ref.ndim}D: cannot resample")
     moved = sitk.Resample(
@@ -391,84 +238,6 @@ def _absent_scores(case: _CaseCounts, options: MetricOptions) -> dict:
     return row
 
 
-def _statistics(values: Sequence[float | None]) -> dict[str, float | None]:
-    finite = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if finite.size == 0:
-        return dict.fromkeys(STATISTICS)
-    p5, p25, p75, p95 = np.percentile(finite, [5, 25, 75, 95])
-    return {
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
-        "median": float(np.median(finite)),
-        "p5": float(p5),
-        "p25": float(p25),
-        "p75": float(p75),
-        "p95": float(p95),
-        "min": float(finite.min()),
-        "max": float(finite.max()),
-    }
-
-
-def _class_summary(rows: Sequence[CaseMetrics], name: str) -> dict:
-    summary = {
-        "name": name,
-        "n_cases": len(rows),
-        "n_scored": sum(not math.isnan(row.dice) for row in rows),
-        "n_empty_reference": sum(row.empty_reference for row in rows),
-        "n_empty_prediction": sum(row.empty_prediction for row in rows),
-        "n_both_empty": sum(row.empty_reference and row.empty_prediction for row in rows),
-    }
-    for metric in SCORED_METRICS:
-        values = [getattr(row, metric) for row in rows]
-        if any(v is not None and not math.isnan(v) for v in values) or metric in ("dice", "iou"):
-            summary[metric] = _statistics(values)
-    if any(row.lesion_tp is not None for row in rows):
-        for key in ("lesion_tp", "lesion_fp", "lesion_fn"):
-            summary[f"total_{key}"] = int(sum(getattr(row, key) or 0 for row in rows))
-    return summary
-
-
-def summarize(
-    cases: Sequence[CaseMetrics], labels: Sequence[tuple[int, str]], warnings: Sequence[str] = ()
-) -> dict:
-    """Per-class statistics of every metric over cases (NaN ignored, empty cases counted).
-
-    Statistics are ``mean, std`` (population), ``median, p5, p25, p75, p95,
-    min, max``; ``mean_foreground_dice`` is the mean over classes of the
-    per-class means (``mean_over_classes`` gives it for every metric);
-    ``n_empty`` counts the (case, class) rows with an empty mask.
-    """
-    n_cases = len({row.case_id for row in cases})
-    per_class = {
-        str(value): _class_summary([row for row in cases if row.label == value], name)
-        for value, name in labels
-    }
-
-    def mean_of_means(metric: str) -> float | None:
-        means = [
-            c[metric]["mean"]
-            for c in per_class.values()
-            if metric in c and c[metric]["mean"] is not None
-        ]
-        return float(np.mean(means)) if means else None
-
-    metrics = [m for m in SCORED_METRICS if any(m in c for c in per_class.values())]
-    return {
-        "n_cases": n_cases,
-        "labels": {str(value): name for value, name in labels},
-        "per_class": per_class,
-        "mean_foreground_dice": mean_of_means("dice"),
-        "mean_foreground_iou": mean_of_means("iou"),
-        "mean_over_classes": {m: mean_of_means(m) for m in metrics},
-        "n_empty": {
-            "reference": sum(row.empty_reference for row in cases),
-            "prediction": sum(row.empty_prediction for row in cases),
-            "both": sum(row.empty_reference and row.empty_prediction for row in cases),
-        },
-        "warnings": list(warnings),
-    }
-
-
 def _name_list(names: Sequence[str]) -> str:
     shown = ", ".join(names[:_MAX_NAMED])
     return shown + (f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else "")
@@ -509,7 +278,7 @@ def _build_report(
                     predicted_volume_mm3=predicted * case.voxel_volume,
                     empty_reference=reference == 0,
                     empty_prediction=predicted == 0,
-                    **{k: scores[k] for k in _SCORE_FIELDS if k in scores},
+                    **{k: scores[k] for k in SCORE_FIELDS if k in scores},
                 )
             )
     warnings = [
@@ -583,7 +352,8 @@ def _metric_options(options: Mapping[str, Any]) -> MetricOptions:
     return MetricOptions(**options)
 
 
-def _list_cases(folder: Path, role: str) -> dict[str, Path]:
+def list_cases(folder: Path, role: str) -> dict[str, Path]:
+    """Label or image files of ``folder`` by case id (file name without its image suffix)."""
     if not folder.is_dir():
         raise MedsegError(f"{folder}: {role} folder not found")
     cases: dict[str, Path] = {}
@@ -612,11 +382,13 @@ def _resolve_labels(
     return normalize_labels(labels), "given"
 
 
-def _output_paths(output_dir: Path) -> list[Path]:
+def output_paths(output_dir: Path) -> list[Path]:
+    """The files an evaluation writes into ``output_dir``."""
     return [output_dir / name for name in (METRICS_FILE, SUMMARY_FILE, REPORT_FILE)]
 
 
-def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+def refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    """Raise :class:`MedsegError` naming the first of ``paths`` that exists, unless ``overwrite``."""
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise MedsegError(
@@ -635,7 +407,7 @@ def evaluate_folders(
     images_dir: str | os.PathLike | None = None,
     curves_png: str | os.PathLike | None = None,
     title: str | None = None,
-    groups: Mapping[str, Mapping[str, str] | str] | str | os.PathLike | None = None,
+    groups: GroupsArg | None = None,
     resample: bool = False,
     allow_missing: bool = False,
     show_progress: bool = False,
@@ -692,8 +464,8 @@ def evaluate_folders(
     """
     metric_options = _metric_options(options)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    references = _list_cases(ref_dir, "reference")
-    predictions = _list_cases(pred_dir, "prediction")
+    references = list_cases(ref_dir, "reference")
+    predictions = list_cases(pred_dir, "prediction")
     if not references:
         raise MedsegError(f"{ref_dir}: no reference images found")
     missing = sorted(set(references) - set(predictions))
@@ -704,11 +476,9 @@ def evaluate_folders(
     extra = sorted(set(predictions) - set(references))
     scored, labels_source = _resolve_labels(labels, ref_dir)
     if groups is not None:
-        from medseg.evaluation.groups import read_groups
-
         groups = read_groups(groups)  # fail early on a bad file
     if output_dir is not None:
-        _refuse_existing(_output_paths(Path(output_dir)), overwrite)
+        refuse_existing(output_paths(Path(output_dir)), overwrite)
     keep_255 = scored is not None and any(v == 255 for v, _ in scored)
 
     case_ids = sorted(set(references) - set(missing))
@@ -747,20 +517,18 @@ def evaluate_folders(
     }
     report = EvaluationReport(labels=report.labels, cases=report.cases, summary=summary)
     if groups is not None:
-        from medseg.evaluation.groups import with_group_summaries
-
         report = with_group_summaries(report, groups)
 
     if output_dir is not None:
         output_dir = Path(output_dir)
         write_evaluation(report, output_dir, overwrite=overwrite)
-        _write_folder_report(
+        write_folder_report(
             report, output_dir, predictions, references, images_dir, keep_255, curves_png, title
         )
     return report
 
 
-def _write_folder_report(
+def write_folder_report(
     report: EvaluationReport,
     output_dir: Path,
     predictions: Mapping[str, Path],
@@ -771,10 +539,9 @@ def _write_folder_report(
     title: str | None = None,
     image_files: Mapping[str, Path] | None = None,
 ) -> None:
-    from medseg.evaluation.report import worst_cases, write_html_report
-
+    """``report.html`` in ``output_dir``, with contour overlays of the worst cases."""
     if image_files is None:
-        image_files = _list_cases(Path(images_dir), "image") if images_dir is not None else {}
+        image_files = list_cases(Path(images_dir), "image") if images_dir is not None else {}
     shown_predictions, shown_references, shown_images = {}, {}, {}
     for case_id in worst_cases(report):
         ref = read_image(references[case_id])
@@ -814,21 +581,6 @@ def metrics_csv_text(report: EvaluationReport) -> str:
     return buffer.getvalue()
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` (umask permissions), then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_evaluation(
     report: EvaluationReport, output_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> tuple[Path, Path]:
@@ -846,7 +598,7 @@ def write_evaluation(
     """
     output_dir = Path(output_dir)
     csv_path, json_path = output_dir / METRICS_FILE, output_dir / SUMMARY_FILE
-    _refuse_existing([csv_path, json_path], overwrite)
+    refuse_existing([csv_path, json_path], overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(metrics_csv_text(report).encode("utf-8"), csv_path)
     write_json_atomic(report.summary, json_path)

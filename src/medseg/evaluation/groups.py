@@ -2,7 +2,7 @@
 
 A fairness check: a model that scores well on average may still fail one
 site or one scanner. For every grouping (a column of the groups CSV), each
-group gets the statistics :func:`medseg.evaluation.evaluate.summarize` gives
+group gets the statistics :func:`medseg.evaluation.records.summarize` gives
 the whole set, and each class and metric gets the gap between the best and
 the worst group mean.
 """
@@ -10,14 +10,13 @@ the worst group mean.
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from medseg.errors import MedsegError
-from medseg.evaluation.evaluate import EvaluationReport, summarize
 from medseg.evaluation.metrics import HIGHER_IS_BETTER
+from medseg.evaluation.records import EvaluationReport, summarize
 
 UNASSIGNED = "(no group)"
 _CASE_COLUMNS = ("case", "case_id", "case id", "id", "subject")
@@ -152,9 +151,3 @@ def with_group_summaries(report: EvaluationReport, groups: GroupsArg) -> Evaluat
             )
     summary = {**report.summary, "groups": summaries, "warnings": warnings}
     return EvaluationReport(labels=report.labels, cases=report.cases, summary=summary)
-
-
-def mean_gap(summary: dict, grouping: str, metric: str = "dice") -> float:
-    """Mean over classes of the gap between groups (NaN when no class has two groups)."""
-    gaps = [g[metric]["gap"] for g in summary["groups"][grouping]["gap"].values() if metric in g]
-    return float(sum(gaps) / len(gaps)) if gaps else math.nan

@@ -28,6 +28,18 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from medseg.errors import MedsegError
+from medseg.evaluation.distances import (
+    assd_from_distances,
+    boundary_iou,
+    bounding_box,
+    compute_surface_distances,
+    hausdorff_from_distances,
+    masd_from_distances,
+    nsd_from_distances,
+)
+from medseg.imaging.overlap import dice_from_counts
+
 # Voxels per chunk when counting label pairs, to bound temporary memory on large volumes.
 _CHUNK = 1 << 24
 # Largest label value counted with one joint histogram (K * K bins).
@@ -64,12 +76,6 @@ def confusion_counts(pred: np.ndarray, ref: np.ndarray, label: int) -> tuple[int
     fp = predicted - tp
     fn = reference - tp
     return tp, fp, fn, int(pred.size) - tp - fp - fn
-
-
-def dice_from_counts(tp: int, fp: int, fn: int) -> float:
-    """Dice ``2 tp / (2 tp + fp + fn)``; NaN when the class is empty in both masks."""
-    denominator = 2 * tp + fp + fn
-    return float("nan") if denominator == 0 else 2.0 * tp / denominator
 
 
 def iou_from_counts(tp: int, fp: int, fn: int) -> float:
@@ -209,8 +215,6 @@ NAN = float("nan")
 
 def check_empty_policy(empty: str) -> str:
     """Return ``empty`` if it is a known policy, else raise :class:`MedsegError`."""
-    from medseg.errors import MedsegError
-
     if empty not in EMPTY_POLICIES:
         raise MedsegError(f"empty-mask policy {empty!r} is not one of {', '.join(EMPTY_POLICIES)}")
     return empty
@@ -243,7 +247,7 @@ def overlap_scores(
     """
     predicted, reference = tp + fp, tp + fn
     scores = {
-        "dice": _ratio(2.0 * tp, 2 * tp + fp + fn),
+        "dice": dice_from_counts(tp, fp, fn),
         "iou": _ratio(float(tp), tp + fp + fn),
         "precision": _ratio(float(tp), predicted),
         "recall": _ratio(float(tp), reference),
@@ -298,10 +302,8 @@ def distance_scores(
     dict
         ``hd, hd95, assd, masd`` in mm, ``nsd`` and ``boundary_iou`` in [0, 1].
     """
-    from medseg.evaluation import distances as d
-
     check_empty_policy(empty)
-    sd = d.compute_surface_distances(pred, ref, spacing=spacing)
+    sd = compute_surface_distances(pred, ref, spacing=spacing)
     width = tolerance_mm if boundary_width_mm is None else boundary_width_mm
     if sd.empty_reference or sd.empty_prediction:
         both = sd.empty_reference and sd.empty_prediction
@@ -314,13 +316,13 @@ def distance_scores(
         score = NAN if both else 0.0
         return dict(hd=NAN, hd95=NAN, assd=NAN, masd=NAN, nsd=score, boundary_iou=score)
     return {
-        "hd": d.hausdorff_from_distances(sd),
-        "hd95": d.hausdorff_from_distances(sd, percentile=percentile),
-        "assd": d.assd_from_distances(sd),
-        "masd": d.masd_from_distances(sd),
-        "nsd": d.nsd_from_distances(sd, tolerance_mm=tolerance_mm),
+        "hd": hausdorff_from_distances(sd),
+        "hd95": hausdorff_from_distances(sd, percentile=percentile),
+        "assd": assd_from_distances(sd),
+        "masd": masd_from_distances(sd),
+        "nsd": nsd_from_distances(sd, tolerance_mm=tolerance_mm),
         "boundary_iou": (
-            d.boundary_iou(pred, ref, spacing=spacing, width_mm=width) if with_boundary_iou else NAN
+            boundary_iou(pred, ref, spacing=spacing, width_mm=width) if with_boundary_iou else NAN
         ),
     }
 
@@ -342,8 +344,6 @@ def label_boxes(array: np.ndarray, values: Iterable[int]) -> dict[int, tuple[sli
         if 0 in values and (array == 0).any():
             out[0] = tuple(slice(0, s) for s in array.shape)
         return out
-    from medseg.evaluation.distances import bounding_box
-
     out = {}
     for v in values:
         box = bounding_box(array == v)

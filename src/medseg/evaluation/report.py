@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.evaluation.evaluate import EvaluationReport, write_bytes_atomic
+from medseg.evaluation.records import EvaluationReport
+from medseg.imaging.atomic import write_bytes_atomic
 from medseg.io.image import Image
 
 REFERENCE_COLOUR = "#22dd22"  # green
@@ -222,42 +223,6 @@ def save_overlay_png(
     path = Path(path)
     write_bytes_atomic(render_overlay_png(image, reference, prediction, title=title), path)
     return path
-
-
-def dice_boxplot_png(report: EvaluationReport) -> bytes:
-    """PNG bytes of a box plot of Dice per class, cases as dots (NaN left out)."""
-    from matplotlib.figure import Figure
-
-    names = [name for _, name in report.labels]
-    scores = [
-        np.asarray(
-            [r.dice for r in report.cases if r.label == value and not math.isnan(r.dice)],
-            dtype=float,
-        )
-        for value, _ in report.labels
-    ]
-    figure = Figure(figsize=(min(20.0, max(4.5, 1.0 + 0.7 * len(names))), 4.2))
-    axes = figure.add_subplot(1, 1, 1)
-    positions = np.arange(1, len(names) + 1)
-    filled = [(p, s) for p, s in zip(positions, scores) if s.size]
-    if filled:
-        axes.boxplot(
-            [s for _, s in filled], positions=[p for p, _ in filled], widths=0.5, showfliers=False
-        )
-    jitter = np.random.default_rng(0)
-    for position, values in filled:
-        offsets = jitter.uniform(-0.12, 0.12, size=values.size)
-        axes.scatter(position + offsets, values, s=8, alpha=0.5, color="#1f77b4", zorder=3)
-    axes.set_xticks(positions)
-    axes.set_xticklabels(
-        names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
-    )
-    axes.set_xlim(0.4, len(names) + 0.6)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_ylabel("Dice")
-    axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    return _figure_png(figure)
 
 
 _METRIC_TITLES = {

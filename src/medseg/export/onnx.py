@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,17 @@ import numpy as np
 import torch
 
 from medseg.errors import MedsegError
+from medseg.imaging.atomic import atomic_path
+from medseg.io.dataset import DatasetSpec, read_case_image
+from medseg.model_folder import ModelFolder
+from medseg.preprocessing.preprocess import preprocess_image, preprocessed_folder
+from medseg.runtime import usable_cores
+from medseg.serialization import write_json_atomic
+from medseg.training.splits import read_splits
 
 QUANTIZABLE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
 INT8_MODES = ("dynamic", "static")
+FORMATS = ("onnx", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,6 @@ class ExportReport:
     format: str
     files: dict[str, str] = field(default_factory=dict)
     checks: dict[str, dict] = field(default_factory=dict)
-
-
-def _atomic_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -77,8 +78,6 @@ def compare_outputs(reference: np.ndarray, other: np.ndarray) -> dict:
 def _session(path: Path):
     import onnxruntime as ort
 
-    from medseg.runtime import usable_cores
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = usable_cores()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -107,25 +106,20 @@ def export_onnx(
     """Write ``model`` as ONNX with dynamic batch and spatial axes (atomically)."""
     ndim = example.ndim - 2
     axes = {0: "batch", **{i + 2: f"s{i}" for i in range(ndim)}}
-    tmp = _atomic_path(path)
-    try:
-        # The TorchScript-based exporter handles the dynamic spatial axes of these networks;
-        # its deprecation and tracer warnings say nothing about this model.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (torch.from_numpy(example),),
-                str(tmp),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": axes, "logits": axes},
-                opset_version=opset,
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # The TorchScript-based exporter handles the dynamic spatial axes of these networks;
+    # its deprecation and tracer warnings say nothing about this model.
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(example),),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": axes, "logits": axes},
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
 
 
@@ -187,33 +181,30 @@ def quantize_onnx(
             f"{src}: cannot quantize to int8: the graph has no Conv, MatMul or Gemm node "
             f"(nothing whose weights int8 can hold)"
         )
-    tmp = _atomic_path(dst)
     try:
-        if mode == "dynamic":
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
-        else:
-            if not calibration:
-                raise MedsegError(
-                    f"{src}: static int8 quantization needs calibration patches (none found)"
+        with atomic_path(dst) as tmp:
+            if mode == "dynamic":
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+            else:
+                if not calibration:
+                    raise MedsegError(
+                        f"{src}: static int8 quantization needs calibration patches (none found)"
+                    )
+                reader = _PatchReader(_session(src).get_inputs()[0].name, calibration)
+                quantize_static(
+                    str(src),
+                    str(tmp),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax,
                 )
-            reader = _PatchReader(_session(src).get_inputs()[0].name, calibration)
-            quantize_static(
-                str(src),
-                str(tmp),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-        os.replace(tmp, dst)
     except MedsegError:
         raise
     except Exception as exc:  # onnxruntime's quantizer raises many exception types
         raise MedsegError(f"{src}: cannot quantize to int8 ({str(exc)[:200]})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
@@ -225,9 +216,6 @@ def calibration_patches(
     Reads the preprocessed cache of the work folder (``model_dir/../preprocessed``)
     when it is there, else reads and preprocesses a few training cases.
     """
-    from medseg.preprocessing.preprocess import preprocess_image, preprocessed_folder
-    from medseg.training.splits import read_splits
-
     rng = np.random.default_rng(seed)
     patch = [int(p) for p in plan.patch_size]
     train_ids: list[str] = []
@@ -245,8 +233,6 @@ def calibration_patches(
         if f.exists():
             volumes.append(np.load(f, mmap_mode="r"))
     if not volumes and (model_dir / "dataset.json").exists():
-        from medseg.io.dataset import DatasetSpec, read_case_image
-
         spec = DatasetSpec.from_json(json.loads((model_dir / "dataset.json").read_text()))
         ids = picked or [c.case_id for c in spec.cases][:count]
         for case_id in ids[: max(1, count // 4)]:
@@ -278,7 +264,8 @@ def export_model(
     Parameters
     ----------
     model_dir
-        A trained model folder (plan.json, fold_<k>/checkpoint_<checkpoint>.pt).
+        A trained model folder (plan.json, fold_<k>/weights_<checkpoint>.safetensors), or a
+        work folder holding ``model/``.
     fmt
         ``"onnx"`` or ``"torchscript"``.
     int8
@@ -297,10 +284,6 @@ def export_model(
     ExportReport
         Files written and their agreement with PyTorch (also in ``export/export.json``).
     """
-    from medseg.inference.predictor import load_networks, select_folds
-    from medseg.planning.plan import read_plan
-    from medseg.serialization import write_json_atomic
-
     model_dir = Path(model_dir)
     if fmt == "onnx":
         try:
@@ -310,7 +293,7 @@ def export_model(
             raise MedsegError(
                 "ONNX export needs onnx and onnxruntime: pip install 'medseg[export]'"
             ) from None
-    if fmt not in ("onnx", "torchscript"):
+    if fmt not in FORMATS:
         raise MedsegError(f"unknown export format {fmt!r} (use onnx or torchscript)")
     int8 = tuple(int8)
     for mode in int8:
@@ -318,19 +301,16 @@ def export_model(
             raise MedsegError(f"unknown int8 mode {mode!r} (use dynamic or static)")
     if int8 and fmt != "onnx":
         raise MedsegError(f"{model_dir}: int8 quantization needs --format onnx (got {fmt})")
-    if not (model_dir / "plan.json").exists():
-        raise MedsegError(f"{model_dir}: not a model folder (no plan.json)")
-    plan = read_plan(model_dir)
-    folds = select_folds(model_dir, folds, checkpoint)
+    folder = ModelFolder.open(model_dir)
+    model_dir, plan = folder.path, folder.plan
+    folds = folder.select_folds(folds, checkpoint)
     out_dir = model_dir / "export"
     inputs = _test_inputs(plan)
     files: dict[str, str] = {}
     checks: dict[str, dict] = {}
     calibration: list[np.ndarray] | None = None
     for fold in folds:
-        (model,) = load_networks(
-            model_dir, plan, [fold], checkpoint=checkpoint, device=torch.device("cpu")
-        )
+        (model,) = folder.load_networks([fold], kind=checkpoint, device="cpu")
         model = model.to(memory_format=torch.contiguous_format)
         if fmt == "torchscript":
             path = out_dir / f"fold_{fold}.pt"
@@ -338,12 +318,8 @@ def export_model(
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(model, torch.from_numpy(inputs[0]))
-            tmp = _atomic_path(path)
-            try:
+            with atomic_path(path) as tmp:
                 traced.save(str(tmp))
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 loaded = torch.jit.load(str(path))

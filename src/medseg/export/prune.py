@@ -13,7 +13,6 @@ Dice and speed before and after.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -23,7 +22,9 @@ import torch
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.model_folder import ModelFolder, write_weights
 from medseg.models.unet import PlainBlock, UNet
+from medseg.serialization import write_json_atomic
 
 Index = torch.Tensor
 
@@ -138,34 +139,24 @@ def prune_model_dir(
     """Prune every fold of a trained U-Net model folder into a new model folder.
 
     The new folder has the plan with scaled ``features`` and the pruned weights as each
-    fold's best and last checkpoint, so ``medseg predict`` runs it and ``medseg train
-    --plan OUT/plan.json --init-from OUT`` fine-tunes it. Returns parameter counts.
-    Written to a temporary folder first, then moved into place.
+    fold's best weights (no last weights: nothing to resume), so ``medseg predict`` runs it
+    and ``medseg train --plan OUT/plan.json --init-from OUT`` fine-tunes it. Returns
+    parameter counts. Written to a temporary folder first, then moved into place.
     """
-    from medseg.inference.predictor import available_folds, load_networks
-    from medseg.planning.plan import read_plan
-    from medseg.serialization import to_jsonable, write_json_atomic
-
-    source, out = Path(model_dir), Path(output_dir)
+    folder = ModelFolder.open(model_dir)
+    source, out, plan = folder.path, Path(output_dir), folder.plan
     if out.resolve() == source.resolve():
         raise MedsegError(f"{out}: the pruned model needs its own folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MedsegError(f"{out}: exists; pass --overwrite to replace it")
-    plan = read_plan(source)
-    names = {plan.network.name}
-    for config in source.glob("fold_*/train_config.json"):
-        names.add(json.loads(config.read_text()).get("model") or plan.network.name)
+    folds = folder.select_folds(None, "best")
+    names = {plan.network.name} | {folder.network_name(fold) for fold in folds}
     if names != {"unet"}:
         raise MedsegError(
             f"{source}: structured pruning supports the plain U-Net ('unet'), this model "
             f"folder holds {', '.join(sorted(names))}"
         )
-    folds = available_folds(source, "best")
-    if not folds:
-        raise MedsegError(f"{source}: no trained fold (checkpoint_best.pt) to prune")
-    networks = load_networks(
-        source, plan, folds, checkpoint="best", device=torch.device("cpu"), fuse_batchnorm=False
-    )
+    networks = folder.load_networks(folds, kind="best", device="cpu", fuse_batchnorm=False)
     pruned = [prune_unet(net.to(memory_format=torch.contiguous_format), keep) for net in networks]
     widths = tuple(block[1][0].out_channels for block in pruned[0].encoder)
     new_plan = replace(plan, network=replace(plan.network, features=widths))
@@ -179,9 +170,13 @@ def prune_model_dir(
     for fold, net in zip(folds, pruned):
         fold_dir = staging / f"fold_{fold}"
         fold_dir.mkdir()
-        state = {"model": net.state_dict(), "plan": to_jsonable(new_plan), "pruned_keep": keep}
-        torch.save(state, fold_dir / "checkpoint_best.pt")  # no "last": nothing to resume
-        config = source / f"fold_{fold}" / "train_config.json"
+        write_weights(
+            fold_dir,
+            "best",
+            net.state_dict(),
+            metadata={"network": "unet", "pruned_keep": keep},
+        )
+        config = folder.fold_dir(fold) / "train_config.json"
         if config.exists():
             shutil.copyfile(config, fold_dir / "train_config.json")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

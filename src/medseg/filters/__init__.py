@@ -15,6 +15,7 @@ from medseg.errors import MedsegError
 from medseg.filters.bias import n4_bias_correction
 from medseg.filters.denoise import anisotropic_diffusion, bilateral, gaussian, median, nl_means
 from medseg.filters.intensity import CT_WINDOWS, clahe, histogram_match, normalize, window
+from medseg.io.files import read_image
 from medseg.io.image import Image
 
 FILTERS: dict[str, Callable[..., Image]] = {
@@ -60,8 +61,6 @@ def apply_filter(image: Image, name: str, **options: Any) -> Image:
         if ref is None:
             raise MedsegError("histogram_match needs reference= (an image file)")
         if not isinstance(ref, Image):
-            from medseg.io.files import read_image
-
             ref = read_image(ref)
         options["reference"] = ref
     try:

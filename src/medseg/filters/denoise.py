@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.classical._common import as_image, radius_voxels
+from medseg.classical.common import as_image, radius_voxels
 from medseg.errors import MedsegError
 from medseg.io.files import from_sitk, to_sitk
 from medseg.io.image import Image

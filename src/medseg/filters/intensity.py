@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.classical._common import as_image, window_voxels
+from medseg.classical.common import as_image, as_mask, values, window_voxels
 from medseg.errors import MedsegError
 from medseg.io.files import from_sitk, to_sitk
 from medseg.io.image import Image
@@ -67,8 +67,6 @@ def normalize(
 
     Statistics are taken inside ``mask`` when given (e.g. the body), applied everywhere.
     """
-    from medseg.classical._common import as_mask, values
-
     image = as_image(image)
     data = np.asarray(image.array, dtype=np.float32)
     vals = values(image, as_mask(mask, image))

@@ -19,16 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.inference.predictor import (
-    Prediction,
-    Predictor,
-    _label_volumes,
-    _read_case,
-    _write_case,
-    collect_inputs,
-    group_inputs,
-)
-from medseg.io.files import image_suffix
+from medseg.errors import MedsegError
+from medseg.inference.predictor import Prediction, Predictor
+from medseg.io.files import image_suffix, read_image_channels, strip_suffix, write_image
 from medseg.io.image import Image
 from medseg.preprocessing.preprocess import CaseGeometry
 from medseg.progress import progress
@@ -122,7 +115,7 @@ def predict_batch(
     workers = max(1, int(num_workers))
 
     def load(files: list[Path]) -> tuple[Image, np.ndarray, CaseGeometry]:
-        channels = _read_case(files)
+        channels = read_case(files)
         data, geometry = predictor.prepare(channels)
         return channels[0], data, geometry
 
@@ -157,7 +150,7 @@ def predict_batch(
                 uncertainty=uncertainty,
             )
             del data
-            writes.append(writer.submit(_write_case, label, entropy, out_path, overwrite=overwrite))
+            writes.append(writer.submit(write_case, label, entropy, out_path, overwrite=overwrite))
             while len(writes) > 2:  # at most two finished cases wait in memory
                 writes.popleft().result()
             results.append(
@@ -168,7 +161,7 @@ def predict_batch(
                     folds=tuple(predictor.folds),
                     mirror_axes=tuple(mirror_axes),
                     seconds=round(time.perf_counter() - started, 3),
-                    label_volumes_mm3=_label_volumes(label, predictor.plan),
+                    label_volumes_mm3=label_volumes(label, predictor.plan),
                 )
             )
         while writes:
@@ -176,3 +169,115 @@ def predict_batch(
     if results:
         _merge_predictions(output_dir / "predictions.json", results)
     return results
+
+
+def group_inputs(paths: list[Path], num_channels: int) -> dict[str, list[Path]]:
+    """Group input files into cases: ``case_0000.nii.gz``, ``case_0001.nii.gz`` ... or one file per case."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        stem = strip_suffix(path) if path.is_file() else path.name
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            groups.setdefault(stem[:-5], []).append(path)
+        else:
+            groups.setdefault(stem, []).append(path)
+    for case_id, files in groups.items():
+        if (
+            num_channels > 1
+            and len(files) != num_channels
+            and not (len(files) == 1 and files[0].is_file())
+        ):
+            raise MedsegError(
+                f"{files[0].parent}: case {case_id} has {len(files)} file(s), the model needs {num_channels} channels"
+            )
+    return groups
+
+
+def collect_inputs(input_path: str | os.PathLike) -> list[Path]:
+    """Image files of a folder, one file, or a DICOM series folder."""
+    path = Path(input_path)
+    if not path.exists():
+        raise MedsegError(f"{path}: not found")
+    if path.is_file():
+        return [path]
+    files = [
+        p
+        for p in sorted(path.iterdir())
+        if p.is_file() and image_suffix(p) and not p.name.startswith(".")
+    ]
+    if files:
+        return files
+    subdirs = [p for p in sorted(path.iterdir()) if p.is_dir()]
+    if subdirs:  # a folder of DICOM series folders
+        return subdirs
+    if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+        raise MedsegError(f"{path}: empty folder (no image files or DICOM series)")
+    return [path]  # a DICOM series folder itself
+
+
+def predict_to_folder(
+    model_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    folds: list[int] | None = None,
+    mirror_axes: tuple[int, ...] = (),
+    largest_component: bool = False,
+    fill: bool = False,
+    overwrite: bool = False,
+    output_format: str | None = None,
+    device: str = "auto",
+    backend: str = "torch",
+    postprocess: bool = True,
+    uncertainty: bool = False,
+    num_workers: int = 1,
+    precision: str = "auto",
+    show_progress: bool = True,
+) -> list[Prediction]:
+    """Predict every case under ``input_path`` into ``output_dir`` (same geometry as the input).
+
+    Cases whose output exists are skipped unless ``overwrite`` (so an interrupted run
+    resumes). Reading and writing overlap with the network (see
+    :func:`medseg.inference.batch.predict_batch`).
+    """
+    predictor = Predictor(
+        model_dir, folds=folds, device=device, backend=backend, precision=precision
+    )
+    return predict_batch(
+        predictor,
+        input_path,
+        output_dir,
+        mirror_axes=mirror_axes,
+        largest_component=largest_component,
+        fill=fill,
+        overwrite=overwrite,
+        output_format=output_format,
+        postprocess=postprocess,
+        uncertainty=uncertainty,
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )
+
+
+def label_volumes(label: Image, plan) -> dict[str, float]:
+    voxel = float(np.prod(label.spacing))
+    counts = np.bincount(label.array.ravel().astype(np.int64), minlength=plan.num_classes)
+    names = dict(plan.labels)
+    return {names.get(v, str(v)): float(counts[v] * voxel) for v in range(1, len(counts))}
+
+
+def read_case(files: list[Path]) -> list[Image]:
+    channels: list[Image] = []
+    for f in files:
+        channels.extend(read_image_channels(f))
+    return channels
+
+
+def write_case(label: Image, entropy: Image | None, out_path: Path, *, overwrite: bool) -> None:
+    if entropy is not None:  # written first: the label file marks the case done
+        name = out_path.name[: len(out_path.name) - len(image_suffix(out_path))]
+        write_image(
+            entropy.with_array(entropy.array.astype(np.float32)),
+            out_path.with_name(f"{name}_entropy.nii.gz"),
+            overwrite=True,
+        )
+    write_image(label, out_path, overwrite=overwrite)

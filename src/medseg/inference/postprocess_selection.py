@@ -18,100 +18,39 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medseg.errors import MedsegError
-from medseg.inference.postprocess import (
-    fill_holes,
+from medseg.imaging.components import (
+    component_sizes,
     keep_largest_components,
+    label_components,
     remove_small_components,
-    tune_threshold,
 )
+from medseg.imaging.morphology import fill_holes
+from medseg.imaging.overlap import dice
+from medseg.inference.postprocess import FILENAME, PostprocessConfig, tune_threshold
+from medseg.inference.predictor import Predictor, resample_to, restore_geometry, uncrop
+from medseg.io.dataset import DatasetSpec, read_case_image, read_case_label
+from medseg.model_folder import ModelFolder
 from medseg.preprocessing.preprocess import CaseGeometry
+from medseg.progress import progress
+from medseg.serialization import write_json_atomic
+from medseg.training.splits import read_splits
 
-FILENAME = "postprocessing.json"
 MIN_GAIN = 1e-4  # a Dice change smaller than this is noise, not an improvement
 
 
-@dataclass(frozen=True)
-class PostprocessConfig:
-    """Postprocessing recorded in a model folder (classes are label values)."""
-
-    thresholds: dict[int, float] = field(default_factory=dict)
-    largest_component: tuple[int, ...] = ()
-    min_volume_mm3: dict[int, float] = field(default_factory=dict)
-    fill_holes: tuple[int, ...] = ()
-    selection: dict = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not (
-            self.thresholds or self.largest_component or self.min_volume_mm3 or self.fill_holes
-        )
-
-    def to_json(self) -> dict:
-        return {
-            "thresholds": {str(k): v for k, v in self.thresholds.items()},
-            "largest_component": list(self.largest_component),
-            "min_volume_mm3": {str(k): v for k, v in self.min_volume_mm3.items()},
-            "fill_holes": list(self.fill_holes),
-            "selection": self.selection,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> PostprocessConfig:
-        return cls(
-            thresholds={int(k): float(v) for k, v in data.get("thresholds", {}).items()},
-            largest_component=tuple(int(c) for c in data.get("largest_component", ())),
-            min_volume_mm3={int(k): float(v) for k, v in data.get("min_volume_mm3", {}).items()},
-            fill_holes=tuple(int(c) for c in data.get("fill_holes", ())),
-            selection=dict(data.get("selection", {})),
-        )
-
-
-def read_postprocessing(model_dir: str | os.PathLike) -> PostprocessConfig | None:
-    """The model folder's ``postprocessing.json``, or None when there is none."""
-    path = Path(model_dir) / FILENAME
-    if not path.exists():
-        return None
-    try:
-        return PostprocessConfig.from_json(json.loads(path.read_text()))
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise MedsegError(f"{path}: not a valid postprocessing file ({exc})") from None
-
-
-def apply_postprocessing(
-    label: np.ndarray, config: PostprocessConfig, *, spacing: tuple[float, ...] | None = None
-) -> np.ndarray:
-    """Components and holes of ``config`` (thresholds act earlier, on probabilities)."""
-    if config.largest_component:
-        label = keep_largest_components(label, k=1, classes=config.largest_component)
-    for c, volume in sorted(config.min_volume_mm3.items()):
-        label = remove_small_components(label, min_volume_mm3=volume, spacing=spacing, classes=[c])
-    if config.fill_holes:
-        label = fill_holes(label, classes=config.fill_holes)
-    return label
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    p, r = pred, ref
-    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
-    return float("nan") if denom == 0 else 2.0 * np.count_nonzero(p & r) / denom
-
-
 def _mean_dice(labels: list[np.ndarray], refs: list[np.ndarray], c: int) -> float:
-    values = [_dice(lab == c, ref == c) for lab, ref in zip(labels, refs, strict=True)]
+    values = [dice(lab == c, ref == c) for lab, ref in zip(labels, refs, strict=True)]
     values = [v for v in values if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
 def _labels_from_probs(probs: np.ndarray, thresholds: dict[int, float]) -> np.ndarray:
-    from medseg.inference.predictor import restore_geometry
-
     shape = probs.shape[1:]
     geometry = CaseGeometry(
         shape, (1.0,) * len(shape), (0.0,) * len(shape), (), tuple((0, n) for n in shape), shape
@@ -120,15 +59,12 @@ def _labels_from_probs(probs: np.ndarray, thresholds: dict[int, float]) -> np.nd
 
 
 def _smallest_component_mm3(refs: list[np.ndarray], spacings: list, c: int) -> float | None:
-    import cc3d
-
     smallest = None
     for ref, spacing in zip(refs, spacings, strict=True):
         mask = ref == c
         if not mask.any():
             continue
-        components = cc3d.connected_components(mask, connectivity=26 if mask.ndim == 3 else 8)
-        sizes = np.bincount(components.ravel())[1:]
+        sizes = component_sizes(label_components(mask))[1:]
         sizes = sizes[sizes > 0]
         if sizes.size:
             v = float(sizes.min()) * float(np.prod(spacing))
@@ -259,12 +195,6 @@ def select_postprocessing(
     ``medseg train``). Writes ``postprocessing.json`` there (refuses to replace one
     without ``overwrite``).
     """
-    from medseg.inference.predictor import Predictor, available_folds, resample_to, uncrop
-    from medseg.io.dataset import DatasetSpec, read_case_image, read_case_label
-    from medseg.progress import progress
-    from medseg.serialization import write_json_atomic
-    from medseg.training.splits import read_splits
-
     model_dir = Path(model_dir)
     out = model_dir / FILENAME
     if out.exists() and not overwrite:
@@ -274,9 +204,7 @@ def select_postprocessing(
             raise MedsegError(f"{model_dir / name}: missing (train the model with medseg first)")
     spec = DatasetSpec.from_json(json.loads((model_dir / "dataset.json").read_text()))
     splits = read_splits(model_dir / "splits.json")
-    folds = folds if folds is not None else available_folds(model_dir)
-    if not folds:
-        raise MedsegError(f"{model_dir}: no trained fold")
+    folds = ModelFolder.open(model_dir).select_folds(folds)
     probabilities, references, spacings = [], [], []
     for fold in folds:
         predictor = Predictor(model_dir, folds=[fold], device=device)

@@ -10,7 +10,6 @@ Networks run with PyTorch or, after ``medseg export``, with onnxruntime.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from medseg.errors import MedsegError
-from medseg.inference.postprocess import fill_holes, keep_largest_component
-from medseg.io.files import image_suffix, read_image_channels, strip_suffix, write_image
+from medseg.imaging.components import keep_largest_component
+from medseg.imaging.morphology import fill_holes
+from medseg.inference.postprocess import apply_postprocessing, read_postprocessing
 from medseg.io.image import Image
-from medseg.models.fusion import fuse_conv_batchnorm
+from medseg.model_folder import ModelFolder
 from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
-from medseg.planning.plan import read_plan
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
-from medseg.runtime import choose_device, memory_format, resolve_precision, usable_cores
-from medseg.serialization import from_jsonable
-from medseg.training.config import TrainConfig
-from medseg.training.trainer import build_model
+from medseg.runtime import choose_device, resolve_precision, usable_cores
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-static")
 # Above this many bytes of float32 logits, accumulate in float16 instead.
@@ -48,27 +44,6 @@ class Prediction:
     mirror_axes: tuple[int, ...]
     seconds: float
     label_volumes_mm3: dict[str, float]
-
-
-def available_folds(model_dir: str | os.PathLike, checkpoint: str = "best") -> list[int]:
-    folds = []
-    for d in sorted(Path(model_dir).glob("fold_*")):
-        if (d / f"checkpoint_{checkpoint}.pt").exists() and d.name[5:].isdigit():
-            folds.append(int(d.name[5:]))
-    return folds
-
-
-def select_folds(
-    model_dir: str | os.PathLike, folds: list[int] | None, checkpoint: str = "best"
-) -> list[int]:
-    """``folds`` (default: every fold with a ``checkpoint`` file), or a one-line error
-    naming the folder when one of them, or all, has no checkpoint."""
-    found = available_folds(model_dir, checkpoint)
-    folds = found if folds is None else folds
-    missing = [f for f in folds if f not in found]
-    if not folds or missing:
-        raise MedsegError(f"{model_dir}: no {checkpoint} checkpoint for fold(s) {missing or 'any'}")
-    return folds
 
 
 def onnx_path(model_dir: str | os.PathLike, fold: int, backend: str) -> Path:
@@ -111,51 +86,18 @@ class OnnxForward:
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
-def load_networks(
-    model_dir: Path,
-    plan,
-    folds: list[int],
-    *,
-    checkpoint: str,
-    device: torch.device,
-    fuse_batchnorm: bool = True,
-) -> list[torch.nn.Module]:
-    """The PyTorch networks of ``folds`` (eval mode, on ``device``, channels-last).
-
-    ``fuse_batchnorm`` folds each BatchNorm into the convolution before it (same
-    outputs, fewer passes; see :mod:`medseg.models.fusion`); pass False to keep the
-    trained module structure, e.g. to edit the network.
-    """
-    models = []
-    for fold in folds:
-        fold_dir = model_dir / f"fold_{fold}"
-        config_path = fold_dir / "train_config.json"
-        model_name = None
-        if config_path.exists():
-            model_name = from_jsonable(TrainConfig, json.loads(config_path.read_text())).model
-        model = build_model(plan, name=model_name, deep_supervision=False)
-        state = torch.load(
-            fold_dir / f"checkpoint_{checkpoint}.pt", map_location="cpu", weights_only=False
-        )
-        model.load_state_dict(state["model"])
-        model.eval()
-        if fuse_batchnorm:
-            fuse_conv_batchnorm(model)
-        models.append(model.to(device).to(memory_format=memory_format(plan.ndim)))
-    return models
-
-
 class Predictor:
     """Networks of one or several folds, ready to predict. Folds are ensembled by mean logits.
 
     Parameters
     ----------
     model_dir
-        Model folder (plan.json, fold_<k>/ and, after ``medseg export``, export/).
+        Model folder (plan.json, fold_<k>/ and, after ``medseg export``, export/), or a
+        work folder holding ``model/``; read with :class:`medseg.model_folder.ModelFolder`.
     folds
-        Folds to ensemble (default: every fold with a checkpoint).
+        Folds to ensemble (default: every fold with weights).
     checkpoint
-        ``"best"`` or ``"last"``.
+        ``"best"`` or ``"last"`` weights.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` ... (PyTorch backend).
     backend
@@ -186,29 +128,28 @@ class Predictor:
             raise MedsegError(f"unknown backend {backend!r} (use one of {', '.join(BACKENDS)})")
         self.device = choose_device(device) if backend == "torch" else torch.device("cpu")
         self.precision = resolve_precision(precision, backend=backend, device=self.device)
-        self.model_dir = Path(model_dir)
-        self.plan = read_plan(model_dir)
+        self.folder = ModelFolder.open(model_dir)
+        self.model_dir = self.folder.path
+        self.plan = self.folder.plan
         self.backend = backend
         self.cpu_bf16 = self.precision == "bf16" and backend == "torch"
         self.tile_batch_size = tile_batch_size
         threads = num_threads or usable_cores()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.folds = select_folds(model_dir, folds, checkpoint)
+        self.folds = self.folder.select_folds(folds, checkpoint)
         if backend != "torch" and folds is None:
-            exported = [f for f in self.folds if onnx_path(model_dir, f, backend).exists()]
+            exported = [f for f in self.folds if onnx_path(self.model_dir, f, backend).exists()]
             self.folds = exported or self.folds
         if backend == "torch":
-            self.models: list = load_networks(
-                self.model_dir, self.plan, self.folds, checkpoint=checkpoint, device=self.device
+            self.models: list = self.folder.load_networks(
+                self.folds, kind=checkpoint, device=self.device
             )
         else:
             self.models = [
-                OnnxForward(onnx_path(model_dir, f, backend), num_threads=threads)
+                OnnxForward(onnx_path(self.model_dir, f, backend), num_threads=threads)
                 for f in self.folds
             ]
-        from medseg.inference.postprocess_selection import read_postprocessing
-
         self.postprocessing = read_postprocessing(self.model_dir)
 
     def logits(
@@ -318,8 +259,6 @@ class Predictor:
             label = restore_geometry(probs, geometry, thresholds=thresholds)
             del probs
         if pp is not None:
-            from medseg.inference.postprocess_selection import apply_postprocessing
-
             label = apply_postprocessing(label, pp, spacing=reference.spacing)
         if largest_component:
             label = keep_largest_component(label)
@@ -428,117 +367,3 @@ def restore_geometry(
         del up, eligible, better
     label_cropped = label_small.numpy()
     return uncrop(label_cropped, geometry, num_classes)
-
-
-def group_inputs(paths: list[Path], num_channels: int) -> dict[str, list[Path]]:
-    """Group input files into cases: ``case_0000.nii.gz``, ``case_0001.nii.gz`` ... or one file per case."""
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(paths):
-        stem = strip_suffix(path) if path.is_file() else path.name
-        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-            groups.setdefault(stem[:-5], []).append(path)
-        else:
-            groups.setdefault(stem, []).append(path)
-    for case_id, files in groups.items():
-        if (
-            num_channels > 1
-            and len(files) != num_channels
-            and not (len(files) == 1 and files[0].is_file())
-        ):
-            raise MedsegError(
-                f"{files[0].parent}: case {case_id} has {len(files)} file(s), the model needs {num_channels} channels"
-            )
-    return groups
-
-
-def collect_inputs(input_path: str | os.PathLike) -> list[Path]:
-    """Image files of a folder, one file, or a DICOM series folder."""
-    path = Path(input_path)
-    if not path.exists():
-        raise MedsegError(f"{path}: not found")
-    if path.is_file():
-        return [path]
-    files = [
-        p
-        for p in sorted(path.iterdir())
-        if p.is_file() and image_suffix(p) and not p.name.startswith(".")
-    ]
-    if files:
-        return files
-    subdirs = [p for p in sorted(path.iterdir()) if p.is_dir()]
-    if subdirs:  # a folder of DICOM series folders
-        return subdirs
-    if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
-        raise MedsegError(f"{path}: empty folder (no image files or DICOM series)")
-    return [path]  # a DICOM series folder itself
-
-
-def predict_to_folder(
-    model_dir: str | os.PathLike,
-    input_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None = None,
-    mirror_axes: tuple[int, ...] = (),
-    largest_component: bool = False,
-    fill: bool = False,
-    overwrite: bool = False,
-    output_format: str | None = None,
-    device: str = "auto",
-    backend: str = "torch",
-    postprocess: bool = True,
-    uncertainty: bool = False,
-    num_workers: int = 1,
-    precision: str = "auto",
-    show_progress: bool = True,
-) -> list[Prediction]:
-    """Predict every case under ``input_path`` into ``output_dir`` (same geometry as the input).
-
-    Cases whose output exists are skipped unless ``overwrite`` (so an interrupted run
-    resumes). Reading and writing overlap with the network (see
-    :func:`medseg.inference.batch.predict_batch`).
-    """
-    from medseg.inference.batch import predict_batch
-
-    predictor = Predictor(
-        model_dir, folds=folds, device=device, backend=backend, precision=precision
-    )
-    return predict_batch(
-        predictor,
-        input_path,
-        output_dir,
-        mirror_axes=mirror_axes,
-        largest_component=largest_component,
-        fill=fill,
-        overwrite=overwrite,
-        output_format=output_format,
-        postprocess=postprocess,
-        uncertainty=uncertainty,
-        num_workers=num_workers,
-        show_progress=show_progress,
-    )
-
-
-def _label_volumes(label: Image, plan) -> dict[str, float]:
-    voxel = float(np.prod(label.spacing))
-    counts = np.bincount(label.array.ravel().astype(np.int64), minlength=plan.num_classes)
-    names = dict(plan.labels)
-    return {names.get(v, str(v)): float(counts[v] * voxel) for v in range(1, len(counts))}
-
-
-def _read_case(files: list[Path]) -> list[Image]:
-    channels: list[Image] = []
-    for f in files:
-        channels.extend(read_image_channels(f))
-    return channels
-
-
-def _write_case(label: Image, entropy: Image | None, out_path: Path, *, overwrite: bool) -> None:
-    if entropy is not None:  # written first: the label file marks the case done
-        name = out_path.name[: len(out_path.name) - len(image_suffix(out_path))]
-        write_image(
-            entropy.with_array(entropy.array.astype(np.float32)),
-            out_path.with_name(f"{name}_entropy.nii.gz"),
-            overwrite=True,
-        )
-    write_image(label, out_path, overwrite=overwrite)

@@ -665,3 +665,23 @@ def check_dataset(
     if spec.layout == "plain2d":
         problems.extend(_plain2d_problems(results[: len(spec.cases)]))
     return CheckReport(str(root), tuple(problems), len(spec.cases), len(spec.test_cases))
+
+
+def require_clean(dataset: str | os.PathLike) -> DatasetSpec:
+    """The dataset folder's spec, after :func:`check_dataset` found no error.
+
+    Raises
+    ------
+    MedsegError
+        Naming the first problem (and how many more there are).
+    """
+    report = check_dataset(dataset)
+    if not report.ok:
+        first = report.errors[0]
+        more = (
+            f" (and {len(report.errors) - 1} more; run `medseg check {dataset}`)"
+            if len(report.errors) > 1
+            else ""
+        )
+        raise MedsegError(f"{first.path}: {first.message}{more}")
+    return load_dataset(dataset)

@@ -114,7 +114,7 @@ def read_case_label(spec: DatasetSpec, case: CaseSpec) -> Image:
     return label.with_array(array.astype(np.uint8 if array.max(initial=0) < 256 else np.int16))
 
 
-def _parse_labels(raw: dict, path: Path) -> tuple[tuple[int, str], ...]:
+def parse_labels(raw: dict, path: Path) -> tuple[tuple[int, str], ...]:
     """Labels in either direction: ``{"0": "background"}`` (MSD) or ``{"background": 0}`` (nnU-Net v2)."""
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{path}: 'labels' must be a non-empty mapping")
@@ -200,7 +200,7 @@ def _load_json_dataset(root: Path) -> DatasetSpec:
     if "labels" not in meta:
         raise DatasetError(f"{meta_path}: missing 'labels'")
     channels = _channel_names(meta, meta_path)
-    labels = _parse_labels(meta["labels"], meta_path)
+    labels = parse_labels(meta["labels"], meta_path)
     layout = "nnunetv2" if "channel_names" in meta or "file_ending" in meta else "msd"
     ending = str(meta.get("file_ending", ".nii.gz"))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"

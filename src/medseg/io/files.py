@@ -5,15 +5,14 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.imaging.atomic import atomic_path
 from medseg.io.image import Image
 
 IMAGE_SUFFIXES = (
@@ -238,18 +237,6 @@ def _check_output(path: Path, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def atomic_destination(path: Path) -> Path:
-    """A temporary path beside ``path`` with the same suffix, for write-then-rename."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=".tmp-", suffix=image_suffix(path) or path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual mode
-    return Path(tmp)
-
-
 def write_image(
     image: Image, path: str | os.PathLike, *, overwrite: bool = False, compress: bool = True
 ) -> Path:
@@ -272,21 +259,6 @@ def write_image(
             raise MedsegError(f"{path}: values outside 0..65535 do not fit in a PNG")
         array = array.astype(np.uint8 if array.size == 0 or array.max() <= 255 else np.uint16)
         image = image.with_array(array)
-    tmp = atomic_destination(path)
-    try:
+    with atomic_path(path, suffix=image_suffix(path) or path.suffix) as tmp:
         sitk.WriteImage(to_sitk(image), str(tmp), useCompression=compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
-
-
-def write_images(
-    images: Sequence[tuple[Image, str | os.PathLike]], *, overwrite: bool = False
-) -> list[Path]:
-    """Write several images; refuse before writing any if one would be overwritten."""
-    for _, path in images:
-        if Path(path).exists() and not overwrite:
-            raise MedsegError(f"{path}: already exists (use --overwrite to replace it)")
-    return [write_image(image, path, overwrite=overwrite) for image, path in images]

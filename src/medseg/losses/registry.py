@@ -1,34 +1,69 @@
-"""Segmentation losses by name: ``create_loss("dice_ce")``."""
+"""Losses by name and task: ``create_loss("dice_ce")``.
+
+Each entry records the ``task`` it is for, as models do (:mod:`medseg.models.registry`):
+"segmentation" losses take logits ``(B, K, *S)`` and an integer label ``(B, 1, *S)``;
+"registration" losses (:mod:`medseg.losses.registration`) take images or a displacement
+field. Every loss of the package is registered when :mod:`medseg.losses` is imported, so
+the lists never depend on what else was imported.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+LOSS_TASKS = ("segmentation", "registration")
+
 _LOSSES: dict[str, Callable[..., nn.Module]] = {}
+_INFO: dict[str, LossInfo] = {}
 
 
-def register_loss(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+@dataclass(frozen=True)
+class LossInfo:
+    """What a registered loss is for."""
+
+    name: str
+    task: str = "segmentation"
+
+
+def register_loss(
+    name: str, *, task: str = "segmentation"
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a loss factory under ``name`` for ``task`` (one of :data:`LOSS_TASKS`)."""
+    if task not in LOSS_TASKS:
+        raise ValueError(f"unknown loss task {task!r} (use one of {', '.join(LOSS_TASKS)})")
+
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         _LOSSES[name] = factory
+        _INFO[name] = LossInfo(name=name, task=task)
         return factory
 
     return decorator
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
+    """Build a registered loss by name."""
     if name not in _LOSSES:
         raise KeyError(f"unknown loss {name!r}; registered: {', '.join(sorted(_LOSSES))}")
     return _LOSSES[name](**kwargs)
 
 
-def registered_losses() -> list[str]:
-    return sorted(_LOSSES)
+def registered_losses(*, task: str | None = None) -> list[str]:
+    """Registered names, optionally only those of one ``task``."""
+    return sorted(n for n in _LOSSES if task is None or _INFO[n].task == task)
+
+
+def loss_info(name: str) -> LossInfo:
+    """Tags of a registered loss (its task)."""
+    if name not in _INFO:
+        raise KeyError(f"unknown loss {name!r}; registered: {', '.join(sorted(_LOSSES))}")
+    return _INFO[name]
 
 
 def _soft_overlap(

@@ -17,6 +17,8 @@ from torch import nn
 
 from medseg.losses.registry import CrossEntropyLoss, SoftDiceLoss, SumLoss, register_loss
 
+CLASS_WEIGHTINGS = ("inverse", "inverse_sqrt", "log")  # schemes of class_weights_from_frequencies
+
 
 def _probs_onehot(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits.float(), dim=1)

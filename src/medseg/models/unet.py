@@ -199,5 +199,5 @@ def unet(**kwargs) -> UNet:
 
 @register_model("resunet")
 def resunet(**kwargs) -> UNet:
-    # build_model() passes the plan's `residual` too: the name decides.
+    # build_network() passes the plan's `residual` too: the name decides.
     return UNet(**{**kwargs, "residual": True})

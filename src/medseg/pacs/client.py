@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pydicom
 
+from medseg.dicom.deid import deidentify_datasets
+from medseg.dicom.seg import save_dataset_atomic
 from medseg.dicom.series import NON_IMAGE_MODALITIES
 from medseg.errors import MedsegError
+from medseg.pacs.segment import segment_dicom
 from medseg.serialization import write_json_atomic
 
 _UID = "0020000D", "0020000E"  # StudyInstanceUID, SeriesInstanceUID
@@ -91,9 +94,6 @@ def pull_study(
     With ``deidentify`` the PS3.15 basic profile is applied on arrival, with one UID mapping
     for the whole study.
     """
-    from medseg.dicom.deid import deidentify_datasets
-    from medseg.dicom.seg import save_dataset_atomic
-
     wanted = [
         (uid, mod)
         for uid, mod in find_series(client, study_uid)
@@ -152,8 +152,6 @@ def process_study(
 
     Returns a JSON-able summary (series, SEG path, volumes in ml, whether it was pushed).
     """
-    from medseg.pacs.segment import segment_dicom
-
     work = Path(work_dir) / study_uid
     pull_study(
         client,

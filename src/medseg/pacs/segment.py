@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.dicom import read_series, write_rtstruct, write_seg
+from medseg.inference import Predictor
 from medseg.io.files import write_image
 from medseg.io.image import Image
 
@@ -76,8 +77,6 @@ def segment_dicom(
     rtstruct
         Also write an RT Structure Set of the same labels.
     """
-    from medseg.dicom import read_series, write_seg
-
     series = read_series(source, series_uid=series_uid, modality=modality)
     label, labels, image_path, label_path = segment_image(
         predictor, series.image, output_dir, overwrite=overwrite
@@ -85,8 +84,6 @@ def segment_dicom(
     name = model_name or Path(predictor.model_dir).name
     seg_path = rt_path = None
     if rtstruct and np.any(label.array):
-        from medseg.dicom.rtstruct import write_rtstruct
-
         rt_path = write_rtstruct(
             label,
             series,
@@ -117,13 +114,10 @@ def segment_dicom(
     )
 
 
-def load_predictor(model_dir: str | os.PathLike, *, device: str = "auto"):
-    """A Predictor for a model folder (or a work folder holding ``model/``)."""
-    from medseg.inference import Predictor
+def load_predictor(model_dir: str | os.PathLike, *, device: str = "auto") -> Predictor:
+    """A Predictor for a model folder (or a work folder holding ``model/``).
 
-    model_dir = Path(model_dir)
-    if (model_dir / "model" / "plan.json").exists():
-        model_dir = model_dir / "model"
-    if not (model_dir / "plan.json").exists():
-        raise MedsegError(f"{model_dir}: not a model folder (no plan.json)")
+    The folder is read with :class:`medseg.model_folder.ModelFolder` (a one-line
+    :class:`~medseg.errors.MedsegError` when it is not a trained model folder).
+    """
     return Predictor(model_dir, device=device)

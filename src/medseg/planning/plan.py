@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.filters import FILTERS
 from medseg.planning.fingerprint import Fingerprint
 from medseg.serialization import from_jsonable
 
@@ -140,7 +141,7 @@ def _network_topology(
     return patch_fixed, strides, kernels
 
 
-def make_plan(fp: Fingerprint, *, gpu: bool = False, configuration: str | None = None) -> Plan:
+def make_plan(fp: Fingerprint, *, gpu: bool = False) -> Plan:
     """Choose spacing, normalization, patch, network and batch size from a fingerprint.
 
     On a CPU (``gpu=False``) the image grid and patch are bounded so that a model
@@ -148,13 +149,11 @@ def make_plan(fp: Fingerprint, *, gpu: bool = False, configuration: str | None =
     """
     notes: list[str] = []
     ndim = fp.ndim
-    configuration = configuration or ("2d" if ndim == 2 else "3d")
+    configuration = "2d" if ndim == 2 else "3d"
     spacing = np.array(choose_target_spacing(fp))
     native = spacing.copy()
     shapes = np.array(fp.cropped_shapes, dtype=float) * np.array(fp.spacings) / spacing
     median_shape = np.median(shapes, axis=0)
-    if configuration != ("2d" if ndim == 2 else "3d"):
-        raise ValueError(f"configuration {configuration!r} does not match {ndim}D images")
     work_spacing, work_shape = spacing, median_shape
     eff_dim = len(work_shape)
     voxel_budget = (GPU_VOXEL_BUDGET if gpu else CPU_VOXEL_BUDGET)[eff_dim]
@@ -219,11 +218,6 @@ def make_plan(fp: Fingerprint, *, gpu: bool = False, configuration: str | None =
     )
 
 
-def with_overrides(plan: Plan, **changes) -> Plan:
-    """A copy of ``plan`` with some fields changed (for tests and the CLI)."""
-    return replace(plan, **changes)
-
-
 def read_plan(path: str | os.PathLike) -> Plan:
     """Read a (possibly hand-edited) plan: a ``plan.json`` file or a folder holding one."""
     path = Path(path)
@@ -242,8 +236,6 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 
 def _check_filters(plan: Plan, path: Path) -> None:
-    from medseg.filters import FILTERS
-
     for step in plan.filters:
         name = step.get("name") if isinstance(step, dict) else None
         if name not in FILTERS:

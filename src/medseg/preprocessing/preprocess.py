@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medseg.filters import apply_filters
+from medseg.imaging.atomic import atomic_path
 from medseg.io.dataset import CaseSpec, DatasetSpec, read_case_image, read_case_label
 from medseg.io.image import Image
 from medseg.planning.plan import Plan
@@ -101,8 +103,6 @@ def resample_labels(
 def preprocess_image(channels: list[Image], plan: Plan) -> tuple[np.ndarray, CaseGeometry]:
     """Crop, normalize and resample one case's channels; return ``(C, *S)`` and its geometry."""
     if plan.filters:
-        from medseg.filters import apply_filters
-
         channels = [apply_filters(c, plan.filters) for c in channels]
     first = channels[0]
     data = np.stack([c.array for c in channels]).astype(np.float32)
@@ -162,9 +162,8 @@ def plan_fingerprint(plan: Plan) -> str:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 def _preprocess_to_disk(args: tuple[DatasetSpec, CaseSpec, Plan, str, int]) -> str:

@@ -18,9 +18,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.io.dataset import load_dataset, read_case_image, read_case_label
 from medseg.io.files import to_sitk
 from medseg.io.image import Image
 from medseg.progress import progress
+from medseg.registration.classical import register as classical_register
 from medseg.registration.fields import warp_image, warp_labels
 
 FUSIONS = ("majority", "weighted")
@@ -116,8 +118,6 @@ def atlas_segment(
     ``register(fixed, moving) -> transform`` overrides the classical ``method``
     (for instance a learned model: ``lambda f, m: register_learned(f, m, model)``).
     """
-    from medseg.registration.classical import register as classical_register
-
     if not atlases:
         raise MedsegError("atlas segmentation needs at least one atlas")
     warped_labels, warped_images, seconds = [], [], []
@@ -144,8 +144,6 @@ def load_atlases(
     folder: str | os.PathLike, *, max_atlases: int | None = None
 ) -> list[tuple[Image, Image]]:
     """Labelled cases of a dataset folder (MSD, nnU-Net v2 or plain 2D) as ``(image, labels)`` atlases."""
-    from medseg.io.dataset import load_dataset, read_case_image, read_case_label
-
     spec = load_dataset(folder)
     cases = [c for c in spec.cases if c.label]
     if not cases:

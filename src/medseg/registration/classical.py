@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.imaging.atomic import atomic_path
 from medseg.io.files import to_sitk
 from medseg.io.image import Image
 from medseg.registration.fields import (
@@ -466,13 +467,8 @@ def write_transform(
     if suffix in (".tfm", ".txt", ".mat") and _has_field(transform):
         raise MedsegError(f"{path}: a displacement-field transform needs an .h5 file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteTransform(transform, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

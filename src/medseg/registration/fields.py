@@ -14,6 +14,8 @@ from medseg.errors import MedsegError
 from medseg.io.files import from_sitk, to_sitk
 from medseg.io.image import Image
 
+LABEL_MODES = ("nearest", "linear")  # label interpolation of warp_labels
+
 
 def centre(image: Image) -> np.ndarray:
     """World coordinates of the image's geometric centre."""
@@ -168,7 +170,7 @@ def warp_labels(
             take = p > best
             warped[take], best[take] = v, p[take]
     else:
-        raise MedsegError(f"unknown label interpolation {mode!r} (use 'nearest' or 'linear')")
+        raise MedsegError(f"unknown label interpolation {mode!r} (use {' or '.join(LABEL_MODES)})")
     dtype = labels.array.dtype if labels.array.dtype.kind in "iu" else np.int32
     return fixed.with_array(warped.astype(dtype))
 

@@ -11,13 +11,13 @@ a trained model registers a new pair with one forward pass.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
-import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.imaging import dice_per_class
+from medseg.io.dataset import DatasetSpec, load_dataset, read_case_image, read_case_label
 from medseg.io.image import Image
-from medseg.losses import register_loss
+from medseg.losses import GradientSmoothness, LocalNCC
+from medseg.model_folder import has_weights, read_weights
 from medseg.models import create_model, register_model
 from medseg.progress import progress
 from medseg.registration.fields import (
@@ -39,12 +42,11 @@ from medseg.registration.fields import (
     resample_on,
     voxel_to_world_displacement,
 )
-from medseg.runtime import choose_device, memory_format, usable_cores
+from medseg.runtime import choose_device, memory_format
 from medseg.serialization import from_jsonable, to_jsonable, write_json_atomic
+from medseg.training.engine import Engine, LoopConfig, TrainingTask, Validation
 
 MODEL_NAME = "voxelmorph"
-CHECKPOINT_LAST = "checkpoint_last.pt"
-CHECKPOINT_BEST = "checkpoint_best.pt"
 
 
 # ----------------------------------------------------------------------------- warping
@@ -80,43 +82,6 @@ def integrate_velocity(velocity: torch.Tensor, *, steps: int = 7) -> torch.Tenso
 # ----------------------------------------------------------------------------- losses
 
 
-class LocalNCC(nn.Module):
-    """Negative local normalized cross-correlation over ``window``-sized boxes."""
-
-    def __init__(self, *, window: int = 9, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.window, self.eps = window, eps
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ndim = a.ndim - 2
-        w = self.window
-        # box means of a, b, a^2, b^2, ab by separable running sums (zero padding):
-        # linear time, ~10x faster than a 9^3 average pooling and its backward on a CPU
-        x = torch.cat([a, b, a * a, b * b, a * b], dim=1)
-        for axis in range(2, 2 + ndim):
-            pad = [0, 0] * ndim
-            pad[2 * (ndim - 1 - (axis - 2))] = w // 2 + 1
-            pad[2 * (ndim - 1 - (axis - 2)) + 1] = w // 2
-            c = F.pad(x, pad).cumsum(axis)
-            n = x.shape[axis]
-            x = (c.narrow(axis, w, n) - c.narrow(axis, 0, n)) / w
-        ma, mb, maa, mbb, mab = x.unbind(1)
-        cov = mab - ma * mb
-        va = (maa - ma * ma).clamp_min(0)
-        vb = (mbb - mb * mb).clamp_min(0)
-        return -(cov * cov / (va * vb + self.eps)).mean()
-
-
-class GradientSmoothness(nn.Module):
-    """Mean squared finite difference of a field along each axis (diffusion regularizer)."""
-
-    def forward(self, field: torch.Tensor) -> torch.Tensor:
-        total = field.new_zeros(())
-        for axis in range(2, field.ndim):
-            total = total + field.diff(dim=axis).pow(2).mean()
-        return total / (field.ndim - 2)
-
-
 def soft_dice_loss(warped_onehot: torch.Tensor, fixed_onehot: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over foreground channels (channel 0 is background)."""
     dims = tuple(range(2, warped_onehot.ndim))
@@ -124,16 +89,6 @@ def soft_dice_loss(warped_onehot: torch.Tensor, fixed_onehot: torch.Tensor) -> t
     inter = (a * b).sum(dims)
     denom = a.sum(dims) + b.sum(dims)
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
-
-
-@register_loss("lncc")
-def _lncc_loss(*, window: int = 9, **_: object) -> nn.Module:
-    return LocalNCC(window=window)
-
-
-@register_loss("grad_smoothness")
-def _grad_loss(**_: object) -> nn.Module:
-    return GradientSmoothness()
 
 
 # ----------------------------------------------------------------------------- network
@@ -301,6 +256,9 @@ class RegistrationTrainConfig:
     num_threads: int | None = None
 
 
+SIMILARITIES = ("ncc", "mse")
+
+
 @dataclass(frozen=True)
 class RegistrationTrainResult:
     model_dir: str
@@ -321,10 +279,8 @@ class _Case:
 
 
 def _load_cases(
-    dataset, ids: list[str], shape: tuple[int, ...], show_progress: bool
+    dataset: DatasetSpec, ids: list[str], shape: tuple[int, ...], show_progress: bool
 ) -> list[_Case]:
-    from medseg.io.dataset import read_case_image, read_case_label
-
     cases = []
     for cid in progress(ids, total=len(ids), desc="load pairs", enabled=show_progress):
         case = dataset.case(cid)
@@ -340,13 +296,156 @@ def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
 
 
-def _dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
-    scores = []
-    for c in range(1, num_classes):
-        denom = (a == c).sum() + (b == c).sum()
-        if denom:
-            scores.append(2 * np.logical_and(a == c, b == c).sum() / denom)
+def _mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
+    """Mean Dice of the foreground classes present in either map (NaN: none is)."""
+    scores = [v for v in dice_per_class(a, b, num_classes) if not math.isnan(v)]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def build_registration_network(config: RegistrationTrainConfig, ndim: int) -> nn.Module:
+    """The untrained VoxelMorph-style network of ``config`` for ``ndim``-D images."""
+    return create_model(
+        MODEL_NAME,
+        ndim=ndim,
+        features=tuple(config.features),
+        decoder=tuple(config.decoder),
+        int_steps=config.int_steps,
+        int_downsize=config.int_downsize,
+    )
+
+
+def registration_loop_config(config: RegistrationTrainConfig) -> LoopConfig:
+    """The engine settings of a registration training: Adam, warm-up + cosine, fp32, no
+    gradient clipping."""
+    return LoopConfig(
+        iterations_per_epoch=config.iterations_per_epoch,
+        max_epochs=config.max_epochs,
+        time_budget_minutes=config.time_budget_minutes,
+        optimizer="adam",
+        learning_rate=config.learning_rate,
+        weight_decay=0.0,
+        warmup_fraction=0.02,
+        grad_clip=None,
+        amp=False,
+        device=config.device,
+        num_threads=config.num_threads,
+        seed=config.seed,
+        tensorboard=False,
+    )
+
+
+class RegistrationTask(TrainingTask):
+    """Random pairs of a dataset's cases on a fixed canvas: similarity of the warped moving
+    image, smoothness of the velocity and (with labels) soft Dice of the warped labels.
+
+    Validation: mean Dice of nearest-neighbour warped labels over fixed random pairs of
+    the validation cases. Set-up order (it fixes the random streams): cases, validation
+    pairs (generator ``seed + 1``), network (torch's generator), training pairs
+    (generator ``seed``).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetSpec,
+        config: RegistrationTrainConfig,
+        *,
+        train_ids: list[str],
+        val_ids: list[str],
+        num_classes: int,
+        show_progress: bool,
+    ) -> None:
+        self.dataset, self.config = dataset, config
+        self.train_ids, self.val_ids = list(train_ids), list(val_ids)
+        self.shape = tuple(config.canvas_shape or ())
+        self.ndim, self.num_classes = len(self.shape), num_classes
+        self.batch_size = config.batch_size
+        self.use_labels = config.dice_weight > 0
+        self.show_progress = show_progress
+        self.fmt = memory_format(self.ndim)
+
+    def setup(self, device: torch.device) -> nn.Module:
+        config = self.config
+        self.device = device
+        self.train = _load_cases(self.dataset, self.train_ids, self.shape, self.show_progress)
+        self.val = _load_cases(self.dataset, self.val_ids, self.shape, self.show_progress)
+        vrng = np.random.default_rng(config.seed + 1)
+        self.val_pairs = []
+        if len(self.val) >= 2:
+            for _ in range(config.validation_pairs):
+                i, j = vrng.choice(len(self.val), 2, replace=False)
+                self.val_pairs.append((int(i), int(j)))
+        self.has_validation = bool(self.val_pairs)
+        model = build_registration_network(config, self.ndim).to(device)
+        model = model.to(memory_format=self.fmt)
+        self.similarity = (
+            LocalNCC(window=config.ncc_window) if config.similarity == "ncc" else nn.MSELoss()
+        )
+        self.smooth = GradientSmoothness()
+        self.rng = np.random.default_rng(config.seed)
+        return model
+
+    def make_batch(self) -> tuple[torch.Tensor, ...]:
+        train = self.train
+        idx = self.rng.integers(0, len(train), size=(self.batch_size, 2))
+        idx[:, 1] = np.where(idx[:, 1] == idx[:, 0], (idx[:, 1] + 1) % len(train), idx[:, 1])
+        f = torch.from_numpy(np.stack([train[i].image for i in idx[:, 0]])[:, None])
+        m = torch.from_numpy(np.stack([train[i].image for i in idx[:, 1]])[:, None])
+        if not self.use_labels:
+            return f, m
+        fl = torch.from_numpy(np.stack([train[i].label for i in idx[:, 0]])[:, None])
+        ml = torch.from_numpy(np.stack([train[i].label for i in idx[:, 1]])[:, None])
+        return f, m, fl, ml
+
+    def to_device(self, batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple:
+        f, m, *labels = batch
+        f = f.to(device).contiguous(memory_format=self.fmt)
+        m = m.to(device).contiguous(memory_format=self.fmt)
+        return (f, m, *(t.to(device) for t in labels))
+
+    def forward_loss(
+        self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        f, m, *labels = batch
+        disp, v = model(f, m)
+        loss = self.similarity(warp(m, disp), f) + self.config.smoothness_weight * self.smooth(v)
+        if labels:
+            fl, ml = labels
+            warped = warp(_onehot(ml, self.num_classes), disp)
+            loss = loss + self.config.dice_weight * soft_dice_loss(
+                warped, _onehot(fl, self.num_classes)
+            )
+        return (disp, v), loss
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> Validation:
+        score = float("nan")
+        if self.val_pairs and self.val[0].label is not None:
+            scores = []
+            for i, j in self.val_pairs:
+                f = torch.from_numpy(self.val[i].image)[None, None].to(self.device)
+                m = torch.from_numpy(self.val[j].image)[None, None].to(self.device)
+                disp, _ = model(f, m)
+                ml = torch.from_numpy(self.val[j].label)[None, None].float().to(self.device)
+                warped = warp(ml, disp, mode="nearest").round().long()[0, 0].cpu().numpy()
+                scores.append(_mean_dice(warped, self.val[i].label, self.num_classes))
+            score = float(np.nanmean(scores))
+        return Validation(score=score, columns={"val_dice_mean": score})
+
+    def weights_metadata(self, epoch: int, score: float) -> dict[str, Any]:
+        return {
+            "network": MODEL_NAME,
+            "config": to_jsonable(self.config),
+            "ndim": self.ndim,
+            "num_classes": self.num_classes,
+            "epoch": epoch,
+            "val_dice": score,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
 
 def train_registration(
@@ -361,21 +460,18 @@ def train_registration(
 ) -> RegistrationTrainResult:
     """Train a learned registration model on random pairs of a dataset folder's cases.
 
-    Uses the segmentation trainer's pieces: device choice, thread count, the
-    learning-rate schedule, atomic checkpoints (``checkpoint_last.pt`` for resume,
-    ``checkpoint_best.pt`` by validation Dice of warped labels), ``log.csv`` and
-    ``curves.png``, a time budget and clean stop on SIGTERM/SIGINT.
+    Runs :class:`RegistrationTask` on the training engine (:mod:`medseg.training.engine`):
+    device and threads, the warm-up + cosine schedule, a resumable ``checkpoint_last.pt``,
+    ``weights_best.safetensors`` by validation Dice of warped labels (and
+    ``weights_last.safetensors``), ``log.csv`` and ``curves.png``, a time budget and a
+    clean stop on SIGTERM/SIGINT. ``registration_config.json`` and
+    ``registration_model.json`` describe the model beside its weights.
     """
-    from medseg.io.dataset import load_dataset
-    from medseg.training.config import TrainConfig
-    from medseg.training.logs import TrainingLog
-    from medseg.training.trainer import (
-        _learning_rate,
-        _save_checkpoint,
-        _stop_on_signal,
-    )
-
     config = config or RegistrationTrainConfig()
+    if config.similarity not in SIMILARITIES:
+        raise MedsegError(
+            f"unknown similarity {config.similarity!r} (use {' or '.join(map(repr, SIMILARITIES))})"
+        )
     spec = load_dataset(dataset)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -394,30 +490,25 @@ def train_registration(
         raise MedsegError(f"{dataset}: registration training needs at least 2 training cases")
     if spec.num_channels != 1:
         raise MedsegError(f"{dataset}: learned registration supports single-channel images")
-    use_labels = config.dice_weight > 0
-    if use_labels and any(spec.case(c).label is None for c in train_ids):
+    if config.dice_weight > 0 and any(spec.case(c).label is None for c in train_ids):
         raise MedsegError(f"{dataset}: dice_weight > 0 needs a label for every training case")
 
     if config.canvas_shape is None:
-        import SimpleITK as _s
-
         shapes = []
         for cid in all_ids:
-            reader = _s.ImageFileReader()
+            reader = sitk.ImageFileReader()
             reader.SetFileName(str(spec.case(cid).images[0]))
             reader.ReadImageInformation()
             shapes.append(tuple(reader.GetSize()))
         divisor = 2 ** (len(config.features) - 1) * config.int_downsize
         config = replace(config, canvas_shape=canvas_shape_for(shapes, divisor))
-    shape = tuple(config.canvas_shape)
-    ndim = len(shape)
-    num_classes = spec.num_classes
+    ndim = len(config.canvas_shape)
     write_json_atomic(config, out / "registration_config.json")
     write_json_atomic(
         {
             "model": MODEL_NAME,
             "ndim": ndim,
-            "num_classes": num_classes,
+            "num_classes": spec.num_classes,
             "labels": dict(spec.labels),
             "train_ids": train_ids,
             "val_ids": list(val_ids),
@@ -425,211 +516,34 @@ def train_registration(
         },
         out / "registration_model.json",
     )
-
-    device = choose_device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.num_threads or usable_cores())
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    train = _load_cases(spec, train_ids, shape, show_progress)
-    val = _load_cases(spec, list(val_ids), shape, show_progress)
-    vrng = np.random.default_rng(config.seed + 1)
-    val_pairs = []
-    if len(val) >= 2:
-        for _ in range(config.validation_pairs):
-            i, j = vrng.choice(len(val), 2, replace=False)
-            val_pairs.append((int(i), int(j)))
-
-    fmt = memory_format(ndim)
-    model = _build(config, ndim).to(device).to(memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    schedule = TrainConfig(
-        optimizer="adamw", learning_rate=config.learning_rate, warmup_fraction=0.02
+    task = RegistrationTask(
+        spec,
+        config,
+        train_ids=train_ids,
+        val_ids=list(val_ids),
+        num_classes=spec.num_classes,
+        show_progress=show_progress,
     )
-    similarity = LocalNCC(window=config.ncc_window) if config.similarity == "ncc" else nn.MSELoss()
-    if config.similarity not in ("ncc", "mse"):
-        raise MedsegError(f"unknown similarity {config.similarity!r} (use 'ncc' or 'mse')")
-    smooth = GradientSmoothness()
-    rng = np.random.default_rng(config.seed)
-
-    epoch, iteration, elapsed_before = 0, 0, 0.0
-    best, best_epoch, rows = -1.0, -1, []
-    last = out / CHECKPOINT_LAST
-    if resume and last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, iteration, elapsed_before = state["epoch"], state["iteration"], state["elapsed"]
-        best, best_epoch, rows = state["best"], state["best_epoch"], state["log"]
-        rng.bit_generator.state = state["rng"]
-    log = TrainingLog(out, rows, tensorboard=False)
-
-    def batch():
-        idx = rng.integers(0, len(train), size=(config.batch_size, 2))
-        idx[:, 1] = np.where(idx[:, 1] == idx[:, 0], (idx[:, 1] + 1) % len(train), idx[:, 1])
-        f = np.stack([train[i].image for i in idx[:, 0]])[:, None]
-        m = np.stack([train[i].image for i in idx[:, 1]])[:, None]
-        fl = ml = None
-        if use_labels:
-            fl = torch.from_numpy(np.stack([train[i].label for i in idx[:, 0]])[:, None])
-            ml = torch.from_numpy(np.stack([train[i].label for i in idx[:, 1]])[:, None])
-        return torch.from_numpy(f), torch.from_numpy(m), fl, ml
-
-    budget = config.time_budget_minutes * 60 if config.time_budget_minutes else None
-    total = config.max_epochs * config.iterations_per_epoch
-    stop = threading.Event()
-    start = time.perf_counter()
-    stopped = "max_epochs"
-    last_step, val_seconds, step_total, steps = 0.0, 0.0, 0.0, 0
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
-
-    try:
-        with _stop_on_signal(stop):
-            while epoch < config.max_epochs:
-                model.train()
-                losses = []
-                out_of_time = False
-                bar = progress(
-                    range(config.iterations_per_epoch),
-                    total=config.iterations_per_epoch,
-                    desc=f"epoch {epoch}",
-                    enabled=show_progress,
-                )
-                for _ in bar:
-                    if budget is not None and elapsed() + last_step + val_seconds * 1.2 > budget:
-                        out_of_time = True
-                        break
-                    if stop.is_set():
-                        break
-                    t0 = time.perf_counter()
-                    f, m, fl, ml = batch()
-                    f, m = (
-                        f.to(device).contiguous(memory_format=fmt),
-                        m.to(device).contiguous(memory_format=fmt),
-                    )
-                    frac = iteration / total
-                    if budget is not None:
-                        frac = max(frac, elapsed() / budget)
-                    for g in optimizer.param_groups:
-                        g["lr"] = _learning_rate(schedule, frac)
-                    disp, v = model(f, m)
-                    loss = similarity(warp(m, disp), f) + config.smoothness_weight * smooth(v)
-                    if use_labels:
-                        warped = warp(_onehot(ml.to(device), num_classes), disp)
-                        loss = loss + config.dice_weight * soft_dice_loss(
-                            warped, _onehot(fl.to(device), num_classes)
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                    last_step = time.perf_counter() - t0
-                    step_total += last_step
-                    steps += 1
-                    iteration += 1
-                if not losses:
-                    stopped = "time_budget" if out_of_time else "signal"
-                    break
-                t_val = time.perf_counter()
-                val_dice = _validate(model, val, val_pairs, num_classes, device)
-                val_seconds = time.perf_counter() - t_val
-                log.add(
-                    {
-                        "epoch": epoch,
-                        "iteration": iteration,
-                        "elapsed_seconds": round(elapsed(), 2),
-                        "learning_rate": optimizer.param_groups[0]["lr"],
-                        "train_loss": float(np.mean(losses)),
-                        "val_dice_mean": val_dice,
-                        "iterations_per_second": round(steps / max(step_total, 1e-9), 3),
-                    }
-                )
-                epoch += 1
-                improved = not math.isnan(val_dice) and val_dice > best
-                if improved or not val_pairs:
-                    best, best_epoch = (val_dice if improved else best), epoch - 1
-                    _save_checkpoint(
-                        out / CHECKPOINT_BEST,
-                        _model_state(model, config, ndim, num_classes, epoch - 1),
-                    )
-                _save_checkpoint(
-                    last,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "iteration": iteration,
-                        "elapsed": elapsed(),
-                        "best": best,
-                        "best_epoch": best_epoch,
-                        "log": log.rows,
-                        "rng": rng.bit_generator.state,
-                    },
-                )
-                if out_of_time:
-                    stopped = "time_budget"
-                    break
-                if stop.is_set():
-                    stopped = "signal"
-                    break
-                if budget is not None and elapsed() + val_seconds + last_step * 2 > budget:
-                    stopped = "time_budget"
-                    break
-    finally:
-        log.close()
+    engine = Engine(
+        task,
+        out,
+        registration_loop_config(config),
+        resume=resume,
+        show_progress=show_progress,
+    )
+    loop = engine.fit()
     result = RegistrationTrainResult(
         model_dir=str(out),
-        epochs=epoch,
-        iterations=iteration,
-        elapsed_seconds=round(elapsed(), 2),
-        best_epoch=best_epoch,
-        best_val_dice=best,
-        iterations_per_second=round(steps / max(step_total, 1e-9), 3),
-        stopped_because=stopped,
+        epochs=loop.epochs,
+        iterations=loop.iterations,
+        elapsed_seconds=round(loop.elapsed_seconds, 2),
+        best_epoch=loop.best_epoch,
+        best_val_dice=-1.0 if loop.best_score is None else loop.best_score,
+        iterations_per_second=round(loop.iterations_per_second, 3),
+        stopped_because=loop.stopped_because,
     )
     write_json_atomic(result, out / "train_result.json")
     return result
-
-
-def _build(config: RegistrationTrainConfig, ndim: int) -> nn.Module:
-    return create_model(
-        MODEL_NAME,
-        ndim=ndim,
-        features=tuple(config.features),
-        decoder=tuple(config.decoder),
-        int_steps=config.int_steps,
-        int_downsize=config.int_downsize,
-    )
-
-
-def _model_state(model, config, ndim, num_classes, epoch) -> dict:
-    return {
-        "model": model.state_dict(),
-        "config": to_jsonable(config),
-        "ndim": ndim,
-        "num_classes": num_classes,
-        "epoch": epoch,
-    }
-
-
-@torch.no_grad()
-def _validate(model, cases: list[_Case], pairs, num_classes: int, device) -> float:
-    if not pairs or cases[0].label is None:
-        return float("nan")
-    model.eval()
-    scores = []
-    for i, j in pairs:
-        f = torch.from_numpy(cases[i].image)[None, None].to(device)
-        m = torch.from_numpy(cases[j].image)[None, None].to(device)
-        disp, _ = model(f, m)
-        ml = torch.from_numpy(cases[j].label)[None, None].float().to(device)
-        warped = warp(ml, disp, mode="nearest").round().long()[0, 0].cpu().numpy()
-        scores.append(_dice(warped, cases[i].label, num_classes))
-    model.train()
-    return float(np.nanmean(scores)) if scores else float("nan")
 
 
 # ----------------------------------------------------------------------------- inference
@@ -653,34 +567,38 @@ def load_registration_model(
     checkpoint: str = "best",
     precision: str = "fp32",
 ) -> LearnedModel:
-    """Load ``checkpoint_best.pt`` (or ``checkpoint_last.pt``) from a trained model folder.
+    """Load the ``checkpoint`` ("best" or "last") weights of a trained model folder.
 
+    The weights are ``weights_<checkpoint>.safetensors`` (a ``checkpoint_<checkpoint>.pt``
+    of an earlier version is converted once, read with ``weights_only=True``);
+    ``registration_config.json`` and ``registration_model.json`` beside them describe the
+    network. ``model_dir`` may also name a weights file in such a folder.
     ``precision="bf16"`` runs the U-Net under bfloat16 autocast (the velocity is
     integrated in fp32): on CPUs with AMX/AVX-512 BF16 about 6x faster per pass.
     """
     if precision not in ("fp32", "bf16"):
         raise MedsegError(f"unknown precision {precision!r} (use 'fp32' or 'bf16')")
     path = Path(model_dir)
-    ckpt = path / (CHECKPOINT_BEST if checkpoint == "best" else CHECKPOINT_LAST)
-    if path.is_file():
-        ckpt = path
-    if not ckpt.exists():
+    kind = checkpoint
+    if path.is_file():  # a weights file: its folder, and the kind its name says
+        path, kind = path.parent, "last" if "last" in path.name else "best"
+    if not has_weights(path, kind):
         raise MedsegError(
-            f"{ckpt}: no trained registration model (run `medseg train-registration`)"
+            f"{path}: no trained registration model (run `medseg train-registration`)"
         )
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if "config" not in state:  # a last checkpoint: the config lies beside it
-        import json
-
-        cfg = json.loads((ckpt.parent / "registration_config.json").read_text())
-        meta = json.loads((ckpt.parent / "registration_model.json").read_text())
-        state = {**state, "config": cfg, "ndim": meta["ndim"]}
-    config = from_jsonable(RegistrationTrainConfig, state["config"])
+    state, metadata = read_weights(path, kind)
+    config_json = metadata.get("config")
+    if config_json is None:
+        config_json = json.loads((path / "registration_config.json").read_text())
+    ndim = metadata.get("ndim")
+    if ndim is None:
+        ndim = json.loads((path / "registration_model.json").read_text())["ndim"]
+    config = from_jsonable(RegistrationTrainConfig, config_json)
     dev = choose_device(device)
-    net = _build(config, state["ndim"])
-    net.load_state_dict(state["model"])
-    net.eval().to(dev).to(memory_format=memory_format(state["ndim"]))
-    return LearnedModel(net, config, state["ndim"], dev, precision)
+    net = build_registration_network(config, ndim)
+    net.load_state_dict(state)
+    net.eval().to(dev).to(memory_format=memory_format(ndim))
+    return LearnedModel(net, config, ndim, dev, precision)
 
 
 @torch.no_grad()
@@ -737,10 +655,3 @@ def register_learned(
     inv = model.network.displacement(-v, tuple(shape))
     inverse = compose(as_transform(inv), centring_transform(fixed, moving).GetInverse())
     return forward, inverse
-
-
-def velocity_to_fields(
-    velocity: torch.Tensor, *, steps: int = 7
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and inverse displacements of a stationary velocity: ``exp(v)`` and ``exp(-v)``."""
-    return integrate_velocity(velocity, steps=steps), integrate_velocity(-velocity, steps=steps)

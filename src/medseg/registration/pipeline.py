@@ -19,8 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.imaging.overlap import dice
+from medseg.io.dataset import load_dataset
 from medseg.io.files import WRITE_SUFFIXES, image_suffix, read_image, write_image
 from medseg.io.image import Image
+from medseg.registration.atlas import atlas_segment, load_atlases
+from medseg.registration.classical import METHODS, linear_parameters, register, write_transform
+from medseg.registration.fields import centring_transform, check_pair, warp_image, warp_labels
+from medseg.registration.learned import (
+    load_registration_model,
+    register_learned,
+    train_registration,
+)
+from medseg.registration.quality import deformation_quality
+from medseg.registration.report import save_views, write_report
 from medseg.serialization import write_json_atomic
 
 ALL_METHODS = ("translation", "rigid", "similarity", "affine", "bspline", "demons", "learned")
@@ -45,13 +57,11 @@ def _for_format(image: Image, like: Image, suffix: str) -> Image:
 
 def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Dice of each nonzero label present in either map."""
-    out = {}
-    for v in np.union1d(np.unique(a), np.unique(b)):
-        if v == 0:
-            continue
-        denom = np.sum(a == v) + np.sum(b == v)
-        out[str(int(v))] = float(2 * np.sum((a == v) & (b == v)) / denom)
-    return out
+    return {
+        str(int(v)): float(dice(a == v, b == v))
+        for v in np.union1d(np.unique(a), np.unique(b))
+        if v != 0
+    }
 
 
 def register_files(
@@ -73,9 +83,6 @@ def register_files(
     overwrite: bool = False,
 ) -> dict:
     """Register two image files and write the transform, warped image/labels, quality and report."""
-    from medseg.registration.classical import METHODS, register, write_transform
-    from medseg.registration.fields import check_pair, warp_image, warp_labels
-
     if method not in ALL_METHODS:
         raise MedsegError(f"unknown method {method!r} (use one of {', '.join(ALL_METHODS)})")
     if method == "learned" and model is None:
@@ -117,14 +124,10 @@ def register_files(
     inverse = None
     start = time.perf_counter()
     if method == "learned":
-        from medseg.registration.learned import register_learned
-
         if masks:
             raise MedsegError(
                 "--method learned does not use masks (drop --fixed-mask/--moving-mask)"
             )
-        from medseg.registration.learned import load_registration_model
-
         net = load_registration_model(model, precision=precision)
         transform, inverse = register_learned(f_img, m_img, net, return_inverse=True)
         info = {}
@@ -154,8 +157,6 @@ def register_files(
         "files": {k: str(v) for k, v in names.items()},
     }
     if method not in ("learned",):
-        from medseg.registration.classical import linear_parameters
-
         summary["linear_part"] = linear_parameters(transform)
     if m_labels is not None:
         w_labels = warp_labels(m_labels, f_img, transform, mode=label_mode)
@@ -171,15 +172,10 @@ def register_files(
             summary["dice_mean"] = float(np.mean(list(d.values()))) if d else float("nan")
     jac = None
     if deformable:
-        from medseg.registration.quality import deformation_quality
-
         quality, jac = deformation_quality(transform, f_img, inverse=inverse)
         summary["quality"] = quality
         write_image(jac, names["jacobian"], overwrite=overwrite)
     if report:
-        from medseg.registration.fields import centring_transform
-        from medseg.registration.report import save_views, write_report
-
         before = warp_image(m_img, f_img, centring_transform(f_img, m_img))
         pngs = save_views(f_img, warped, out, jacobian=jac, moving_on_fixed=before)
         summary["files"]["report"] = str(
@@ -208,8 +204,6 @@ def atlas_segment_files(
     show_progress: bool = True,
 ) -> dict:
     """Segment one target image with the labelled cases of a dataset folder; write the fused labels."""
-    from medseg.registration.atlas import atlas_segment, load_atlases
-
     out = Path(output)
     if image_suffix(out) not in WRITE_SUFFIXES:
         out = (
@@ -224,8 +218,6 @@ def atlas_segment_files(
     if method == "learned":
         if model is None:
             raise MedsegError("--method learned needs --model")
-        from medseg.registration.learned import load_registration_model, register_learned
-
         net = load_registration_model(model)
 
         def register_fn(f, m):
@@ -261,9 +253,6 @@ def train_registration_dataset(
     show_progress: bool = True,
 ):
     """Check the dataset folder, then train a learned registration model (see ``learned``)."""
-    from medseg.io.dataset import load_dataset
-    from medseg.registration.learned import train_registration
-
     load_dataset(dataset)  # raises a DatasetError naming the folder when it is not one
     return train_registration(
         dataset, model_dir, config=config, resume=resume, show_progress=show_progress

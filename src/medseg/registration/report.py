@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
+from medseg.imaging.atomic import atomic_path, write_text_atomic  # noqa: E402
 from medseg.io.files import to_sitk  # noqa: E402
 from medseg.io.image import Image  # noqa: E402
 
@@ -97,10 +98,9 @@ def save_views(
 def _save(fig, path: Path, *, tight: bool = True) -> Path:
     if tight:
         fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=90, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -129,8 +129,4 @@ def write_report(
         "img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><table>{rows}</table>{figures}</body></html>\n"
     )
-    path = out / "report.html"
-    tmp = out / ".tmp-report.html"
-    tmp.write_text(page)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(page, out / "report.html")

@@ -32,7 +32,17 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from medseg import __version__
+from medseg.dicom.deid import deidentify_folder
 from medseg.errors import MedsegError
+from medseg.inference import Predictor
+from medseg.io.files import read_image, write_image
+from medseg.model_folder import ModelFolder
+from medseg.pacs.client import connect, process_study
+from medseg.pacs.segment import label_volumes_ml, segment_dicom, segment_image
+from medseg.registration.fields import centring_transform, warp_image
+from medseg.registration.pipeline import register_files
+from medseg.serve.jobs import JobPool, QueueFull
 
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # registration takes no DICOM zip
@@ -180,9 +190,7 @@ class _Model:
     def get(self):
         with self._lock:
             if self._predictor is None:
-                from medseg.pacs.segment import load_predictor
-
-                self._predictor = load_predictor(self.model_dir, device=self.device)
+                self._predictor = Predictor(self.model_dir, device=self.device)
             return self._predictor
 
     @property
@@ -226,14 +234,13 @@ def create_app(
     deidentify
         Apply the PS3.15 basic profile to DICOM inputs before anything is stored.
     """
-    import medseg
-    from medseg.serve.jobs import JobPool, QueueFull
-
     if model_dir is None and predictor is None:
         raise MedsegError("the service needs a model folder")
+    # A folder that is not a trained model folder fails here, not on the first job.
+    folder = ModelFolder.open(model_dir).path if model_dir and predictor is None else None
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="medseg-serve-"))
     pool = JobPool(root / "jobs", workers=workers, max_pending=max_pending, timeout_s=job_timeout_s)
-    model = _Model(Path(model_dir) if model_dir else None, predictor, device)
+    model = _Model(folder, predictor, device)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     name = model_name or (Path(model_dir).name if model_dir else "medseg")
     stats = {"requests": 0, "rejected_size": 0, "timeouts": 0, "started": time.time()}
@@ -246,7 +253,7 @@ def create_app(
     app = FastAPI(
         lifespan=lifespan,
         title="medseg service",
-        version=str(medseg.__version__),
+        version=str(__version__),
         description="Segmentation jobs from uploads (NIfTI, zip of DICOM) or PACS studies; "
         "registration jobs from two uploaded volumes.",
     )
@@ -283,9 +290,6 @@ def create_app(
         return job
 
     def run_upload(job, upload: Path, suffix: str, deid: bool) -> dict:
-        from medseg.io.files import read_image
-        from medseg.pacs.segment import label_volumes_ml, segment_dicom, segment_image
-
         job.progress = 0.05
         predictor = model.get()
         job.progress = 0.2
@@ -294,8 +298,6 @@ def create_app(
         if suffix == ".zip":
             source = upload
             if deid:
-                from medseg.dicom.deid import deidentify_folder
-
                 source = job.folder / "deidentified"
                 deidentify_folder(upload, source)
                 upload.unlink()  # only the de-identified copy is kept
@@ -316,8 +318,6 @@ def create_app(
         }
 
     def run_pacs(job, study_uid: str, series_uid: str | None) -> dict:
-        from medseg.pacs.client import connect, process_study
-
         job.progress = 0.05
         client = connect(pacs_url, token=pacs_token)
         summary = process_study(
@@ -345,10 +345,6 @@ def create_app(
     def run_register(job, files: dict[str, tuple[str, Path]], method: str, metric: str) -> dict:
         import numpy as np
 
-        from medseg.api import register
-        from medseg.io.files import read_image, write_image
-        from medseg.registration.fields import centring_transform, warp_image
-
         out = job.folder / "result"
         out.mkdir()
         fixed_nifti = out / "image.nii.gz"  # the fixed volume, as the viewer loads it
@@ -368,7 +364,7 @@ def create_app(
             write_image(fixed, fixed_nifti)
             job.progress = 0.15
             labels = files.get("moving_labels")
-            summary = register(
+            summary = register_files(
                 fixed_nifti,
                 files["moving"][1],
                 out,
@@ -444,7 +440,7 @@ def create_app(
     @app.get("/health")
     def health() -> dict:
         """Liveness: the service answers; whether the model is loaded yet."""
-        return {"status": "ok", "version": medseg.__version__, "model_loaded": model.loaded}
+        return {"status": "ok", "version": __version__, "model_loaded": model.loaded}
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=auth)
     def metrics() -> str:

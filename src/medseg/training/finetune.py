@@ -7,48 +7,72 @@ has other channels) keep their fresh initialization.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from medseg.errors import MedsegError
-from medseg.planning.plan import Plan, read_plan
-from medseg.training.config import TrainConfig
+from medseg.losses import CLASS_WEIGHTINGS, registered_losses
+from medseg.model_folder import (
+    WEIGHT_KINDS,
+    ModelFolder,
+    has_weights,
+    read_state_dict_file,
+    read_weights,
+)
+from medseg.models import model_info, registered_models
+from medseg.planning.plan import Plan
+from medseg.training.config import OPTIMIZERS, TrainConfig
+from medseg.training.sampling import CLASS_SAMPLING
 
 HEAD_PREFIXES = ("heads.", "scores.", "net.out.", "head.")
 
 
-def find_checkpoint(source: str | os.PathLike) -> Path:
-    """A checkpoint file from a checkpoint path, a fold folder, a model folder or a work folder."""
+def find_init_weights(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """Where ``--init-from`` weights are: ``(file, None)`` or ``(fold folder, kind)``.
+
+    Parameters
+    ----------
+    source
+        A weights file (``.safetensors``, or a ``.pt`` state dict such as a pretrained
+        encoder's), a fold folder, a model folder or a work folder. In a model folder
+        the first fold with best weights is taken, else the first with last weights.
+
+    Raises
+    ------
+    MedsegError
+        When ``source`` holds no medseg weights.
+    """
     path = Path(source)
     if path.is_file():
-        return path
+        return path, None
     for folder in (path, path / "model"):
-        for candidate in (
-            folder / "checkpoint_best.pt",
-            folder / "checkpoint_last.pt",
-            *sorted(folder.glob("fold_*/checkpoint_best.pt")),
-            *sorted(folder.glob("fold_*/checkpoint_last.pt")),
-        ):
-            if candidate.exists():
-                return candidate
-    raise MedsegError(f"{path}: no medseg checkpoint found (expected fold_<k>/checkpoint_best.pt)")
+        for kind in WEIGHT_KINDS:
+            if has_weights(folder, kind):
+                return folder, kind
+    if (path / "plan.json").is_file() or (path / "model" / "plan.json").is_file():
+        model = ModelFolder.open(path)
+        for kind in WEIGHT_KINDS:
+            folds = model.folds(kind)
+            if folds:
+                return model.fold_dir(folds[0]), kind
+    raise MedsegError(
+        f"{path}: no medseg checkpoint found (expected fold_<k>/weights_best.safetensors "
+        "or a weights file)"
+    )
 
 
 def load_matching_weights(model: torch.nn.Module, source: str | os.PathLike) -> dict[str, list]:
     """Copy every parameter/buffer of ``source`` whose name and shape match into ``model``.
 
+    ``source`` is found with :func:`find_init_weights`; a ``.pt`` file is read with
+    ``weights_only=True`` (see :func:`medseg.model_folder.read_state_dict_file`).
     Returns ``{"loaded": [...], "skipped": [...]}`` (skipped: new or reshaped tensors,
     which keep their initialization).
     """
-    path = find_checkpoint(source)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for unreadable files
-        raise MedsegError(f"{path}: cannot read checkpoint ({str(exc)[:120]})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
+    path, kind = find_init_weights(source)
+    state = read_state_dict_file(path) if kind is None else read_weights(path, kind)[0]
     own = model.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not loaded:
@@ -75,11 +99,6 @@ def frozen_names(loaded: list[str], model: torch.nn.Module) -> set[str]:
 
 def check_train_config(config: TrainConfig, plan: Plan) -> None:
     """Raise :class:`MedsegError` for a configuration that cannot train, before any work starts."""
-    from medseg.losses import registered_losses
-    from medseg.models import model_info, registered_models
-    from medseg.training.config import OPTIMIZERS
-    from medseg.training.sampling import CLASS_SAMPLING
-
     name = config.model or plan.network.name
     known = registered_models(task="segmentation")
     if name not in known:
@@ -90,13 +109,13 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
         )
     if config.optimizer not in OPTIMIZERS:
         raise MedsegError(f"unknown optimizer {config.optimizer!r} (use {', '.join(OPTIMIZERS)})")
-    if config.loss not in registered_losses():
+    if config.loss not in registered_losses(task="segmentation"):
         raise MedsegError(
-            f"unknown loss {config.loss!r}; registered: {', '.join(registered_losses())}"
+            f"unknown loss {config.loss!r}; registered: {', '.join(registered_losses(task='segmentation'))}"
         )
-    if config.class_weighting not in (None, "inverse", "inverse_sqrt", "log"):
+    if config.class_weighting not in (None, *CLASS_WEIGHTINGS):
         raise MedsegError(
-            f"unknown class weighting {config.class_weighting!r} (use inverse, inverse_sqrt or log)"
+            f"unknown class weighting {config.class_weighting!r} (use {', '.join(CLASS_WEIGHTINGS)})"
         )
     if config.class_sampling not in CLASS_SAMPLING:
         raise MedsegError(
@@ -107,7 +126,7 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
             f"class_weights has {len(config.class_weights)} values, the plan has {plan.num_classes} classes"
         )
     if config.init_from is not None:
-        find_checkpoint(config.init_from)
+        find_init_weights(config.init_from)
     if config.freeze_epochs < 0:
         raise MedsegError(f"freeze_epochs must be >= 0 (got {config.freeze_epochs})")
     if config.encoder_weights is not None and not Path(config.encoder_weights).is_file():
@@ -130,19 +149,13 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
             check_teacher(teacher, plan)
 
 
-def teacher_model_dir(source: str | os.PathLike) -> Path:
-    path = Path(source)
-    if (path / "model" / "plan.json").exists():
-        return path / "model"
-    if not (path / "plan.json").exists():
-        raise MedsegError(f"{path}: not a medseg model folder (no plan.json)")
-    return path
-
-
 def check_teacher(source: str | os.PathLike, plan: Plan) -> Plan:
-    """A teacher must see the same inputs and predict the same labels as the student."""
-    model_dir = teacher_model_dir(source)
-    teacher = read_plan(model_dir)
+    """A teacher must see the same inputs and predict the same labels as the student.
+
+    ``source`` is a model folder or a work folder holding one; returns the teacher's plan.
+    """
+    folder = ModelFolder.open(source)
+    model_dir, teacher = folder.path, folder.plan
     if tuple(teacher.labels) != tuple(plan.labels):
         raise MedsegError(
             f"{model_dir}: teacher was trained with labels {dict(teacher.labels)}, "
@@ -154,15 +167,8 @@ def check_teacher(source: str | os.PathLike, plan: Plan) -> Plan:
                 f"{model_dir}: teacher plan differs in {field} "
                 f"({getattr(teacher, field)} vs {getattr(plan, field)}); it must see the same inputs"
             )
-    if not list(model_dir.glob("fold_*/checkpoint_best.pt")):
-        raise MedsegError(f"{model_dir}: teacher has no trained fold (fold_<k>/checkpoint_best.pt)")
+    if not folder.folds("best"):
+        raise MedsegError(
+            f"{model_dir}: teacher has no trained fold (fold_<k>/weights_best.safetensors)"
+        )
     return teacher
-
-
-def read_train_config(fold_dir: str | os.PathLike) -> TrainConfig | None:
-    from medseg.serialization import from_jsonable
-
-    path = Path(fold_dir) / "train_config.json"
-    if not path.exists():
-        return None
-    return from_jsonable(TrainConfig, json.loads(path.read_text()))

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from medseg.imaging.atomic import atomic_path  # noqa: E402
+
 
 class TrainingLog:
     """Keeps epoch rows; rewrites the CSV and the curve on every epoch (cheap, and resume-safe)."""
@@ -43,19 +45,17 @@ class TrainingLog:
         keys: list[str] = []
         for row in self.rows:
             keys += [k for k in row if k not in keys]
-        tmp = self.folder / ".tmp-log.csv"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.folder / "log.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.folder / "log.csv")
 
     def plot(self) -> None:
         if not self.rows:
             return
         epochs = [r["epoch"] for r in self.rows]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        ax1.plot(epochs, [r["train_loss"] for r in self.rows], label="train loss")
+        ax1.plot(epochs, [r.get("train_loss", float("nan")) for r in self.rows], label="train loss")
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("loss")
         ax1.legend()
@@ -66,17 +66,22 @@ class TrainingLog:
                 [r.get(key, float("nan")) for r in self.rows],
                 label=key.removeprefix("val_"),
             )
-        ax2.plot(epochs, [r["val_dice_mean"] for r in self.rows], "k", lw=2, label="mean Dice")
+        ax2.plot(
+            epochs,
+            [r.get("val_dice_mean", float("nan")) for r in self.rows],
+            "k",
+            lw=2,
+            label="mean Dice",
+        )
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("validation Dice")
         ax2.set_ylim(0, 1)
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        tmp = self.folder / ".tmp-curves.png"
-        fig.savefig(tmp, dpi=90, format="png")
+        with atomic_path(self.folder / "curves.png") as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
         plt.close(fig)
-        os.replace(tmp, self.folder / "curves.png")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -33,10 +33,15 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.imaging.atomic import write_text_atomic
+from medseg.io.check import require_clean
 from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.work_dir import plan_for
+from medseg.preprocessing import preprocess_dataset
 from medseg.runtime import usable_cores
 from medseg.serialization import write_json_atomic
-from medseg.training.config import TrainConfig
+from medseg.training import TrainConfig, make_folds, read_splits, train_fold, write_splits
+from medseg.training.finetune import check_train_config
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "hyperband", "none")
@@ -210,12 +215,6 @@ def run_study(
     """
     import optuna
 
-    from medseg import api
-    from medseg.preprocessing import preprocess_dataset
-    from medseg.training.finetune import check_train_config
-    from medseg.training.splits import make_folds, read_splits, write_splits
-    from medseg.training.trainer import train_fold
-
     if trials < 1:
         raise MedsegError(f"--trials must be at least 1 (got {trials})")
     if sampler not in SAMPLERS:
@@ -227,8 +226,8 @@ def run_study(
         grid_values(the_space)
     config = config or TrainConfig()
     work = Path(work_dir)
-    spec = api._require_clean(dataset)
-    base_plan = api._plan_for(spec, work, num_workers=num_workers, show_progress=show_progress)
+    spec = require_clean(dataset)
+    base_plan = plan_for(spec, work, num_workers=num_workers, show_progress=show_progress)
     # Every choice must make a valid configuration: check the extremes before any training.
     for key, s in the_space.items():
         values = s["choices"] if s["type"] == "categorical" else [s["low"], s["high"]]
@@ -384,8 +383,4 @@ def write_report(study, tuning: Path, summary: dict) -> Path:
         f"{figures}<h2>Trials</h2><table border=1><tr><th>#</th><th>state</th><th>Dice</th>"
         f"<th>params</th></tr>{rows}</table>"
     )
-    path = tuning / "report.html"
-    tmp = path.with_name(".tmp-report.html")
-    tmp.write_text(page)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(page, tuning / "report.html")

@@ -1,4 +1,5 @@
-"""Helpers shared by the classical methods: input checks and mm-to-voxel conversions."""
+"""Helpers shared by the classical methods and the filters: input checks and mm-to-voxel
+conversions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.imaging.components import check_connectivity as imaging_connectivity
 from medseg.io.image import Image
 
 
@@ -67,14 +69,7 @@ def check_connectivity(ndim: int, connectivity: int) -> int:
     """Validate a neighbourhood: 4/8 in 2D, 6/18/26 in 3D (6 and 26 are mapped in 2D to 4 and 8)."""
     if ndim == 2:
         connectivity = {6: 4, 18: 8, 26: 8}.get(connectivity, connectivity)
-        allowed: tuple[int, ...] = (4, 8)
-    else:
-        allowed = (6, 18, 26)
-    if connectivity not in allowed:
-        raise MedsegError(
-            f"connectivity must be one of {allowed} for a {ndim}D image (got {connectivity})"
-        )
-    return connectivity
+    return imaging_connectivity(ndim, connectivity)
 
 
 def mask_image(image: Image, mask: np.ndarray, *, value: int = 1) -> Image:

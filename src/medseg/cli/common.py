@@ -1,0 +1,177 @@
+"""Helpers shared by every ``medseg`` command module: argument types, the training options
+(their choices read from the registries), the training configuration they make, and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from medseg.losses import CLASS_WEIGHTINGS, registered_losses
+from medseg.models import registered_models
+from medseg.serialization import to_jsonable
+from medseg.training import TrainConfig
+from medseg.training.config import OPTIMIZERS
+from medseg.training.sampling import CLASS_SAMPLING
+from medseg.transforms import AugmentConfig
+
+ALL_FOLDS = [-1]  # what ``--folds all`` parses to; see resolve_folds
+DEFAULT_BUDGET_MINUTES = 60.0  # training time without --epochs or --time-budget
+
+
+def parse_folds(value: str | None) -> list[int] | None:
+    """``--folds``: ``all`` (:data:`ALL_FOLDS`) or fold numbers like ``0,1,2``."""
+    if value is None:
+        return None
+    if value == "all":
+        return list(ALL_FOLDS)
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--folds takes 'all' or numbers like 0,1,2 (got {value!r})"
+        ) from None
+
+
+def resolve_folds(folds: list[int] | None, num_folds: int) -> list[int] | None:
+    """``--folds all`` as the fold numbers ``0 .. num_folds - 1``; other values unchanged."""
+    if folds == ALL_FOLDS:
+        return list(range(num_folds))
+    return folds
+
+
+def trained_folds(folds: list[int] | None) -> list[int] | None:
+    """``--folds all`` (or no ``--folds``) as None: every trained fold of a model folder."""
+    return None if folds is None or folds == ALL_FOLDS else folds
+
+
+def comma_list(value: str) -> list[str]:
+    """A non-empty comma-separated list (e.g. model folders)."""
+    items = [v for v in value.split(",") if v]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one folder")
+    return items
+
+
+def comma_floats(value: str) -> list[float]:
+    """Comma-separated numbers like ``0.3,0.7``."""
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.3,0.7 (got {value!r})") from None
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The training options shared by ``train``, ``run``, ``distill`` and ``tune``."""
+    g = p.add_argument_group("training")
+    g.add_argument("--folds", type=parse_folds, help="folds to train: 0 (default), 0,1 or all")
+    g.add_argument("--num-folds", type=int, help="k of the k-fold split (default 5)")
+    g.add_argument(
+        "--split", help="a splits JSON ({train, val} or a list of them) instead of k-fold"
+    )
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="end training cleanly after this many minutes",
+    )
+    g.add_argument("--epochs", type=int, help="maximum epochs (default 1000)")
+    g.add_argument("--iterations-per-epoch", type=int)
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="auto (default): AdamW at 3e-3 with --time-budget, else SGD at 0.01",
+    )
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--loss", choices=registered_losses(task="segmentation"))
+    g.add_argument(
+        "--model",
+        help="registered model (default: the plan's): "
+        + ", ".join(registered_models(task="segmentation")),
+    )
+    g.add_argument("--batch-size", type=int)
+    g.add_argument(
+        "--early-stopping",
+        type=int,
+        metavar="EPOCHS",
+        help="stop after this many epochs without a better validation Dice",
+    )
+    g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="fine-tune: start from a trained medseg model's matching layers (new head)",
+    )
+    g.add_argument(
+        "--freeze-epochs",
+        type=int,
+        metavar="EPOCHS",
+        help="with --init-from: train only the new layers for this many epochs first",
+    )
+    g.add_argument(
+        "--class-weighting",
+        choices=CLASS_WEIGHTINGS,
+        help="loss class weights from the training labels' class frequencies",
+    )
+    g.add_argument(
+        "--class-sampling",
+        choices=CLASS_SAMPLING,
+        help="which class foreground patches are centred on (default rarest_half)",
+    )
+    g.add_argument(
+        "--encoder-weights",
+        metavar="FILE",
+        help="torchvision-format ResNet state dict for the resnet*_unet models",
+    )
+    g.add_argument("--no-augmentation", action="store_true")
+    g.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start again instead of resuming from the last checkpoint",
+    )
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of the options of :func:`add_train_options` (unset: defaults)."""
+    config = TrainConfig()
+    changes = {
+        "time_budget_minutes": args.time_budget,
+        "max_epochs": args.epochs,
+        "iterations_per_epoch": args.iterations_per_epoch,
+        "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate,
+        "loss": args.loss,
+        "seed": args.seed,
+        "num_folds": args.num_folds,
+        "early_stopping_patience": args.early_stopping,
+        "batch_size": args.batch_size,
+        "model": args.model,
+        "device": args.device,
+        "init_from": getattr(args, "init_from", None),
+        "freeze_epochs": getattr(args, "freeze_epochs", None),
+        "class_weighting": getattr(args, "class_weighting", None),
+        "class_sampling": getattr(args, "class_sampling", None),
+        "encoder_weights": getattr(args, "encoder_weights", None),
+    }
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    if args.no_augmentation:
+        config = replace(config, augmentation=AugmentConfig(enabled=False))
+    return config
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` (dataclasses, paths, numpy scalars...) as indented JSON on stdout."""
+    print(json.dumps(to_jsonable(data), indent=2))
+
+
+def with_default_budget(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """Without ``--epochs`` or ``--time-budget``, train for at most an hour (said on stderr)."""
+    if config.time_budget_minutes is None and args.epochs is None:
+        print(
+            "medseg: no --epochs or --time-budget given: training for at most 60 minutes",
+            file=sys.stderr,
+        )
+        return replace(config, time_budget_minutes=DEFAULT_BUDGET_MINUTES)
+    return config
