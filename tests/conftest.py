@@ -11,6 +11,9 @@ import pytest
 from medseg.io import Image, write_image
 from medseg.io.phantoms import write_phantom_dataset
 
+# the distillation and fine-tuning tests share one module-scoped teacher fixture (`setup`)
+pytest_plugins = ["helpers.distillation"]
+
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 

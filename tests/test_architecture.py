@@ -116,3 +116,32 @@ def test_the_private_import_check_finds_an_import_hidden_in_a_function(copy: Pat
     result = check_private(package)
     assert result.returncode == 1
     assert "files.py" in result.stdout and "inside a function" in result.stdout
+
+
+def _module_named_by(test_file: Path) -> bool:
+    """``tests/<pkg>/test_<module>[_<topic>].py`` names a module of ``medseg.<pkg>`` (or a
+    name its ``__init__`` exports); ``tests/test_<module>.py`` a top-level module or package."""
+    source = REPO / "src" / "medseg"
+    stem = test_file.stem.removeprefix("test_")
+    if test_file.parent.name == "tests":
+        candidates = [source / f"{stem}.py", source / stem]
+        return stem == "architecture" or any(c.exists() for c in candidates)
+    package = source / test_file.parent.name
+    parts = stem.split("_")
+    prefixes = ["_".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    if any((package / f"{p}.py").exists() for p in prefixes):
+        return True
+    init = (package / "__init__.py").read_text()
+    return any(f'"{p}"' in init for p in prefixes)  # a name in the package's __all__
+
+
+def test_tests_follow_the_source_layout():
+    test_files = sorted((REPO / "tests").glob("test_*.py")) + sorted(
+        p for p in (REPO / "tests").glob("*/test_*.py") if p.parent.name != "helpers"
+    )
+    assert len(test_files) > 40
+    strays = [str(p.relative_to(REPO)) for p in test_files if not _module_named_by(p)]
+    assert not strays, f"test files that name no module: {strays}"
+    packages = {p.name for p in (REPO / "src" / "medseg").iterdir() if (p / "__init__.py").exists()}
+    folders = {p.parent.name for p in test_files if p.parent.name != "tests"}
+    assert folders <= packages, f"test folders without a package: {folders - packages}"

@@ -27,11 +27,10 @@ from medseg import workflow
 from medseg.ensembling import ensemble_predict_folder
 from medseg.errors import MedsegError
 from medseg.evaluation import EvaluationReport, evaluate_folders
+from medseg.evaluation.biometry import BiometryReport, measure_folder
 from medseg.evaluation.crossval import evaluate_cross_validation as evaluate_folds
 from medseg.evaluation.metrics import compute_metrics as compute_all_metrics
 from medseg.export import ExportReport, export_model, prune_model_dir
-from medseg.inference import Prediction
-from medseg.inference.postprocess import PostprocessConfig
 from medseg.io.check import CheckReport, check_dataset, require_clean
 from medseg.io.dataset import DatasetSpec
 from medseg.planning import Fingerprint, Plan, read_plan
@@ -43,8 +42,19 @@ from medseg.registration.pipeline import (
     register_files,
     train_registration_dataset,
 )
-from medseg.training import TrainConfig, TrainResult
+from medseg.training import TrainConfig
 from medseg.tuning import run_study
+from medseg.workflow import (  # the facade's orchestration functions, as they are
+    demo,
+    distill,
+    filter_images,
+    predict,
+    run,
+    segment_classical,
+    select_ensemble,
+    select_postprocessing,
+    train,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -67,6 +77,7 @@ __all__ = [
     "fingerprint",
     "link_cases",
     "load_plan",
+    "measure",
     "plan",
     "predict",
     "preprocess",
@@ -143,86 +154,6 @@ def preprocess(
     )
 
 
-def train(
-    dataset: str | os.PathLike,
-    work_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None = None,
-    config: TrainConfig | None = None,
-    split_file: str | os.PathLike | None = None,
-    resume: bool = True,
-    num_workers: int = 2,
-    show_progress: bool = True,
-) -> list[TrainResult]:
-    """Plan (if needed), preprocess (cached) and train the given folds (default: fold 0).
-
-    The plan is read back from ``work_dir/plan.json``, so hand edits take effect.
-    ``config.time_budget_minutes`` is shared by all folds and counts the
-    preprocessing too.
-    """
-    return workflow.train(
-        dataset,
-        work_dir,
-        folds=folds,
-        config=config,
-        split_file=split_file,
-        resume=resume,
-        num_workers=num_workers,
-        show_progress=show_progress,
-    )
-
-
-def predict(
-    model_dir: str | os.PathLike,
-    input_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None = None,
-    mirror: bool = False,
-    mirror_axes: tuple[int, ...] | None = None,
-    largest_component: bool = False,
-    fill_holes: bool = False,
-    overwrite: bool = False,
-    device: str = "auto",
-    backend: str = "torch",
-    num_workers: int = 2,
-    uncertainty: bool = False,
-    postprocess: bool = True,
-    precision: str = "auto",
-    show_progress: bool = True,
-) -> list[Prediction]:
-    """Predict a file, a folder of files or a DICOM series; outputs keep the input geometry.
-
-    ``mirror`` averages all flips (TTA); ``mirror_axes`` picks a subset of axes
-    instead. ``backend`` "onnx", "onnx-int8" or "onnx-int8-static" runs a model
-    exported by :func:`export` with onnxruntime. ``uncertainty`` also writes
-    ``<case>_entropy.nii.gz``; ``postprocess`` applies the model folder's
-    ``postprocessing.json`` (see :func:`select_postprocessing`). ``precision``
-    "bf16" runs PyTorch on CPU under bfloat16 autocast; "auto" (default) does so
-    where the CPU has native bfloat16 (AMX/AVX512-BF16), "fp32" never. Reading, the
-    network and writing overlap (``num_workers`` reader threads); finished cases
-    are skipped, so a killed run resumes.
-    """
-    return workflow.predict(
-        model_dir,
-        input_path,
-        output_dir,
-        folds=folds,
-        mirror=mirror,
-        mirror_axes=mirror_axes,
-        largest_component=largest_component,
-        fill_holes=fill_holes,
-        overwrite=overwrite,
-        device=device,
-        backend=backend,
-        num_workers=num_workers,
-        uncertainty=uncertainty,
-        postprocess=postprocess,
-        precision=precision,
-        show_progress=show_progress,
-    )
-
-
 def evaluate(
     pred_dir: str | os.PathLike,
     ref_dir: str | os.PathLike,
@@ -260,54 +191,6 @@ def evaluate(
         allow_missing=allow_missing,
         show_progress=show_progress,
         **metric_options,
-    )
-
-
-def run(
-    dataset: str | os.PathLike,
-    work_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None = None,
-    config: TrainConfig | None = None,
-    split_file: str | os.PathLike | None = None,
-    mirror: bool = True,
-    largest_component: bool = False,
-    fill_holes: bool = False,
-    overwrite: bool = False,
-    num_workers: int = 2,
-    show_progress: bool = True,
-) -> dict:
-    """Everything: check, plan, preprocess, train, predict the validation (and test) cases, evaluate."""
-    return workflow.run(
-        dataset,
-        work_dir,
-        folds=folds,
-        config=config,
-        split_file=split_file,
-        mirror=mirror,
-        largest_component=largest_component,
-        fill_holes=fill_holes,
-        overwrite=overwrite,
-        num_workers=num_workers,
-        show_progress=show_progress,
-    )
-
-
-def demo(
-    work_dir: str | os.PathLike = "medseg_demo",
-    *,
-    dataset: str | os.PathLike | None = None,
-    time_budget_minutes: float = 3.0,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> dict:
-    """Train and evaluate on built-in phantoms (or ``dataset``) within a few minutes on a CPU."""
-    return workflow.demo(
-        work_dir,
-        dataset=dataset,
-        time_budget_minutes=time_budget_minutes,
-        overwrite=overwrite,
-        show_progress=show_progress,
     )
 
 
@@ -358,57 +241,48 @@ def compute_metrics(
     return compute_all_metrics(pred, ref, labels=labels, spacing=spacing, **metric_options)
 
 
+# --- biometry (issue 24) ---
+
+
+def measure(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    head: bool = False,
+    head_label: int | None = None,
+    labels: dict[int, str] | Sequence[int] | None = None,
+    pixel_size: float | None = None,
+    pixel_size_csv: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    images_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> BiometryReport:
+    """Clinical measurements of a label map file or folder (``input_path``), with their units.
+
+    Volume per label in mL (3D) or area in mm^2 (2D); with ``head``, the ellipse fitted to
+    the fetal head's outline, HC (Ramanujan), BPD and OFD in mm; with ``reference`` (HC18's
+    ``pixel_size_and_HC.csv``), absolute errors and Bland-Altman agreement. A PNG holds no
+    pixel size: give ``pixel_size`` or ``pixel_size_csv`` (or a ``reference`` CSV with
+    pixel sizes), else it is refused. With ``output_dir``: measurements.csv, summary.json,
+    report.html. See :func:`medseg.evaluation.biometry.measure_folder`.
+    """
+    return measure_folder(
+        input_path,
+        output_dir,
+        head=head,
+        head_label=head_label,
+        labels=labels,
+        pixel_size=pixel_size,
+        pixel_size_csv=pixel_size_csv,
+        reference_csv=reference,
+        images_dir=images_dir,
+        overwrite=overwrite,
+        show_progress=show_progress,
+    )
+
+
 # --- classical methods and filters (issue 4) ---
-
-
-def segment_classical(
-    method: str,
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    options: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> list[Path]:
-    """Segment an image file or a folder with a classical method of :data:`medseg.classical.METHODS`.
-
-    ``options`` are the method's keyword options; ``mask``, ``markers`` and
-    ``init`` may be image file paths. Outputs keep the input geometry.
-    """
-    return workflow.segment_classical(
-        method,
-        input_path,
-        output_path,
-        options=options,
-        overwrite=overwrite,
-        show_progress=show_progress,
-    )
-
-
-def filter_images(
-    name: str,
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    options: dict[str, Any] | None = None,
-    output_dtype: str | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> list[Path]:
-    """Apply a filter of :data:`medseg.filters.FILTERS` to an image file or a folder.
-
-    ``reference`` (histogram matching) and ``mask`` may be image file paths;
-    ``output_dtype`` rounds and casts the float32 result (e.g. ``uint8`` for PNG).
-    """
-    return workflow.filter_images(
-        name,
-        input_path,
-        output_path,
-        options=options,
-        output_dtype=output_dtype,
-        overwrite=overwrite,
-        show_progress=show_progress,
-    )
 
 
 # --- registration (issue 5) ---
@@ -528,29 +402,6 @@ def prune(
     return prune_model_dir(model_dir, output_dir, keep=keep, overwrite=overwrite)
 
 
-def select_postprocessing(
-    model_dir: str | os.PathLike,
-    *,
-    folds: list[int] | None = None,
-    mirror: bool = False,
-    max_cases: int | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> PostprocessConfig:
-    """Choose thresholds, component and hole filling per class on the validation folds and
-    record them in ``postprocessing.json`` (applied by :func:`predict` from then on)."""
-    return workflow.select_postprocessing(
-        model_dir,
-        folds=folds,
-        mirror=mirror,
-        max_cases=max_cases,
-        device=device,
-        overwrite=overwrite,
-        show_progress=show_progress,
-    )
-
-
 # --- DICOM, PACS and the REST service (issue 7; the hospital extra) ---
 
 
@@ -644,70 +495,6 @@ def ensemble(
         mirror=mirror,
         overwrite=overwrite,
         device=device,
-        show_progress=show_progress,
-    )
-
-
-def select_ensemble(
-    model_dirs: list[str | os.PathLike],
-    output_json: str | os.PathLike,
-    *,
-    methods: tuple[str, ...] = ("mean", "weighted", "vote"),
-    max_members: int = 3,
-    folds: list[int] | None = None,
-    mirror: bool = False,
-    overwrite: bool = False,
-    device: str = "cpu",
-    show_progress: bool = True,
-) -> Path:
-    """Score every model and combination on out-of-fold validation cases; write the ranking
-    (best first) to ``output_json``, as nnU-Net's find_best_configuration does."""
-    return workflow.select_ensemble(
-        model_dirs,
-        output_json,
-        methods=methods,
-        max_members=max_members,
-        folds=folds,
-        mirror=mirror,
-        overwrite=overwrite,
-        device=device,
-        show_progress=show_progress,
-    )
-
-
-def distill(
-    dataset: str | os.PathLike,
-    work_dir: str | os.PathLike,
-    *,
-    teachers: list[str | os.PathLike],
-    student: str = "mobile_unet",
-    temperature: float = 2.0,
-    weight: float = 0.5,
-    feature_weight: float = 0.0,
-    config: TrainConfig | None = None,
-    folds: list[int] | None = None,
-    split_file: str | os.PathLike | None = None,
-    num_workers: int = 2,
-    show_progress: bool = True,
-) -> list[TrainResult]:
-    """Train ``student`` in ``work_dir`` on soft labels of ``teachers`` (model folders; all
-    their folds are averaged) plus the supervised loss. The student uses the first
-    teacher's plan unless ``work_dir`` has one, so both see the same inputs.
-    ``feature_weight > 0`` adds feature distillation on every decoder level (U-Net-style
-    student and teachers; see :class:`medseg.training.config.DistillConfig`).
-    ``work_dir/model/distill_report.json`` compares student and teacher (Dice, speed)."""
-    return workflow.distill(
-        dataset,
-        work_dir,
-        teachers=teachers,
-        student=student,
-        temperature=temperature,
-        weight=weight,
-        feature_weight=feature_weight,
-        config=config,
-        folds=folds,
-        split_file=split_file,
-        num_workers=num_workers,
         show_progress=show_progress,
     )
 

@@ -168,7 +168,12 @@ def train(
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> list[TrainResult]:
-    """Check the dataset folder, then :func:`train_folds` (the time budget counts the check)."""
+    """Plan (if needed), preprocess (cached) and train the given folds (default: fold 0).
+
+    The plan is read back from ``work_dir/plan.json``, so hand edits take effect.
+    ``config.time_budget_minutes`` is shared by all folds and counts the
+    preprocessing too.
+    """
     started = time.perf_counter()
     spec = require_clean(dataset)
     return train_folds(
@@ -203,11 +208,17 @@ def predict(
     precision: str = "auto",
     show_progress: bool = True,
 ) -> list[Prediction]:
-    """Predict a file, a folder of files or a DICOM series with a model folder (or a work
-    folder's ``model/``); outputs keep the input geometry.
+    """Predict a file, a folder of files or a DICOM series; outputs keep the input geometry.
 
-    ``mirror`` averages the flips of every spatial axis unless ``mirror_axes`` names some;
-    the other options are those of :func:`medseg.inference.predict_to_folder`.
+    ``mirror`` averages all flips (TTA); ``mirror_axes`` picks a subset of axes
+    instead. ``backend`` "onnx", "onnx-int8" or "onnx-int8-static" runs a model
+    exported by :func:`export` with onnxruntime. ``uncertainty`` also writes
+    ``<case>_entropy.nii.gz``; ``postprocess`` applies the model folder's
+    ``postprocessing.json`` (see :func:`select_postprocessing`). ``precision``
+    "bf16" runs PyTorch on CPU under bfloat16 autocast; "auto" (default) does so
+    where the CPU has native bfloat16 (AMX/AVX512-BF16), "fp32" never. Reading, the
+    network and writing overlap (``num_workers`` reader threads); finished cases
+    are skipped, so a killed run resumes.
     """
     folder = ModelFolder.open(model_dir)
     if mirror_axes is None:
@@ -401,12 +412,12 @@ def distill(
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> list[TrainResult]:
-    """Train ``student`` on the soft labels of ``teachers`` (model folders) plus the supervised
-    loss, then write ``work_dir/model/distill_report.json`` (student vs teacher: Dice, speed).
-
-    The student takes the first teacher's plan unless ``work_dir`` has one
-    (:func:`medseg.distillation.distill_config_for`).
-    """
+    """Train ``student`` in ``work_dir`` on soft labels of ``teachers`` (model folders; all
+    their folds are averaged) plus the supervised loss. The student uses the first
+    teacher's plan unless ``work_dir`` has one, so both see the same inputs.
+    ``feature_weight > 0`` adds feature distillation on every decoder level (U-Net-style
+    student and teachers; see :class:`medseg.training.config.DistillConfig`).
+    ``work_dir/model/distill_report.json`` compares student and teacher (Dice, speed)."""
     work = Path(work_dir)
     spec = require_clean(dataset)
     config, the_plan = distill_config_for(
@@ -454,7 +465,11 @@ def segment_classical(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> list[Path]:
-    """A classical method of :data:`medseg.classical.METHODS` on a file or folder of images."""
+    """Segment an image file or a folder with a classical method of :data:`medseg.classical.METHODS`.
+
+    ``options`` are the method's keyword options; ``mask``, ``markers`` and
+    ``init`` may be image file paths. Outputs keep the input geometry.
+    """
     options = image_options(options, ("mask", "markers", "init"))
     return map_images(
         lambda image: run_method(image, method, **options),
@@ -476,7 +491,11 @@ def filter_images(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> list[Path]:
-    """A filter of :data:`medseg.filters.FILTERS` on a file or folder of images."""
+    """Apply a filter of :data:`medseg.filters.FILTERS` to an image file or a folder.
+
+    ``reference`` (histogram matching) and ``mask`` may be image file paths;
+    ``output_dtype`` rounds and casts the float32 result (e.g. ``uint8`` for PNG).
+    """
     options = image_options(options, ("reference", "mask"))
     return map_images(
         lambda image: apply_filter(image, name, **options),
@@ -499,7 +518,8 @@ def select_postprocessing(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> PostprocessConfig:
-    """Choose postprocessing on a model folder's validation folds (``postprocessing.json``)."""
+    """Choose thresholds, component and hole filling per class on the validation folds and
+    record them in ``postprocessing.json`` (applied by :func:`predict` from then on)."""
     folder = ModelFolder.open(model_dir)
     return select_on_folds(
         folder.path,
@@ -513,7 +533,7 @@ def select_postprocessing(
 
 
 def select_ensemble(
-    models: list[str | os.PathLike],
+    model_dirs: list[str | os.PathLike],
     output_json: str | os.PathLike,
     *,
     methods: tuple[str, ...] = ("mean", "weighted", "vote"),
@@ -524,12 +544,13 @@ def select_ensemble(
     device: str = "cpu",
     show_progress: bool = True,
 ) -> Path:
-    """Rank models and their combinations on out-of-fold cases; write the ranking as JSON."""
+    """Score every model and combination on out-of-fold validation cases; write the ranking
+    (best first) to ``output_json``, as nnU-Net's find_best_configuration does."""
     out = Path(output_json)
     if out.exists() and not overwrite:
         raise MedsegError(f"{out}: already exists (use --overwrite)")
     selection = select_best(
-        models,
+        model_dirs,
         folds=folds,
         methods=methods,
         max_members=max_members,

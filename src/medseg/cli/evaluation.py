@@ -1,4 +1,5 @@
-"""``medseg evaluate`` and ``medseg evaluate-cv``: metrics of predictions against references."""
+"""``medseg evaluate`` and ``medseg evaluate-cv``: metrics of predictions against references;
+``medseg measure``: biometry (volumes, fetal head ellipse, HC against a reference)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_metric_options(p)
     p.set_defaults(handler=run_evaluate_cv)
 
+    p = sub.add_parser(
+        "measure",
+        help="volumes (mL) or areas (mm^2) per label; with --head the fetal head HC, BPD, OFD",
+    )
+    p.add_argument("segmentations", help="a label map file or a folder of them")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="folder for measurements.csv, summary.json, report.html",
+    )
+    p.add_argument(
+        "--head",
+        action="store_true",
+        help="fit an ellipse to the head outline (2D): HC (Ramanujan), BPD, OFD in mm",
+    )
+    p.add_argument("--head-label", type=int, help="the head's label (default: any non-zero)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--pixel-size",
+        type=float,
+        metavar="MM",
+        help="pixel size of every 2D image (a PNG has none)",
+    )
+    size.add_argument(
+        "--pixel-size-csv",
+        metavar="CSV",
+        help="pixel size per file: filename,pixel size(mm)[,...] (HC18) or filename,pixel_size_mm",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="CSV",
+        help="reference HC per file (HC18 pixel_size_and_HC.csv): errors and Bland-Altman; implies --head",
+    )
+    p.add_argument("--images", help="folder of the images, for the report's overlays")
+    p.add_argument("--labels", help="label names from a dataset.json (file or folder)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_measure)
+
 
 def _metric_options(args: argparse.Namespace) -> dict:
     return {
@@ -129,4 +169,29 @@ def run_evaluate_cv(args: argparse.Namespace, settings: Settings, show_progress:
         **_metric_options(args),
     )
     print_json(_brief(report.summary))
+    return 0
+
+
+def run_measure(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    labels = dict(labels_from_dataset_json(args.labels)) if args.labels else None
+    report = api.measure(
+        args.segmentations,
+        args.output,
+        head=args.head,
+        head_label=args.head_label,
+        labels=labels,
+        pixel_size=args.pixel_size,
+        pixel_size_csv=args.pixel_size_csv,
+        reference=args.reference,
+        images_dir=args.images,
+        overwrite=args.overwrite,
+        show_progress=show_progress,
+    )
+    summary = report.summary
+    brief = {k: summary[k] for k in ("n_cases", "measures", "head", "warnings") if k in summary}
+    if "reference_hc" in summary:
+        brief["reference_hc"] = {
+            k: v for k, v in summary["reference_hc"].items() if k not in ("cases", "missing")
+        }
+    print_json(brief)
     return 0

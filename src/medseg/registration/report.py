@@ -7,16 +7,13 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.figure import Figure  # not pyplot: no global backend, no window
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-
-from medseg.imaging.atomic import atomic_path, write_text_atomic  # noqa: E402
-from medseg.io.files import to_sitk  # noqa: E402
-from medseg.io.image import Image  # noqa: E402
+from medseg.imaging.atomic import atomic_path, write_text_atomic
+from medseg.io.files import to_sitk
+from medseg.io.image import Image
 
 
 def _slices(image: Image) -> list[tuple[str, np.ndarray]]:
@@ -64,16 +61,16 @@ def save_views(
     rows = [("check-board, fixed | warped", board)]
     if moving_on_fixed is not None:
         rows.insert(0, ("check-board before", _slices(checkerboard(fixed, moving_on_fixed))))
-    fig, axes = plt.subplots(
-        len(rows), len(board), figsize=(3.2 * len(board), 3.2 * len(rows)), squeeze=False
-    )
+    fig = Figure(figsize=(3.2 * len(board), 3.2 * len(rows)))
+    axes = fig.subplots(len(rows), len(board), squeeze=False)
     for r, (title, sl) in enumerate(rows):
         for c, (name, a) in enumerate(sl):
             axes[r, c].imshow(a, cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_title(f"{title} {name}".strip(), fontsize=8)
             axes[r, c].axis("off")
     paths["checkerboard"] = _save(fig, out / "checkerboard.png")
-    fig, axes = plt.subplots(1, len(f_sl), figsize=(3.2 * len(f_sl), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(f_sl), 3.4))
+    axes = fig.subplots(1, len(f_sl), squeeze=False)
     for c, ((name, fa), (_, wa)) in enumerate(zip(f_sl, w_sl)):
         rgb = np.stack([fa, wa, fa], axis=-1)  # fixed magenta, warped green, grey where they agree
         axes[0, c].imshow(np.clip(rgb, 0, 1))
@@ -82,7 +79,8 @@ def save_views(
     paths["overlay"] = _save(fig, out / "overlay.png")
     if jacobian is not None:
         j_sl = _slices(jacobian)
-        fig, axes = plt.subplots(1, len(j_sl), figsize=(3.4 * len(j_sl), 3.4), squeeze=False)
+        fig = Figure(figsize=(3.4 * len(j_sl), 3.4))
+        axes = fig.subplots(1, len(j_sl), squeeze=False)
         im = None
         for c, (name, ja) in enumerate(j_sl):
             im = axes[0, c].imshow(ja, cmap="RdBu_r", vmin=0, vmax=2)
@@ -100,7 +98,6 @@ def _save(fig, path: Path, *, tight: bool = True) -> Path:
         fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
     return path
 
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from medseg.imaging import atomic_path
-from medseg.model_folder import weights_path, write_weights
+from medseg.model_folder import write_weights
 from medseg.progress import progress
 from medseg.runtime import choose_device, configure_threads
 from medseg.training.logs import TrainingLog
@@ -577,7 +577,6 @@ class Engine:
         stopped_because = "max_epochs"
         step_seconds, wait_seconds, validation_seconds = 0.0, 0.0, 0.0
         session_iterations, last_step = 0, 0.0
-        last_score = float("nan")
 
         def elapsed() -> float:
             return elapsed_before + time.perf_counter() - start
@@ -641,7 +640,6 @@ class Engine:
                     self.model.eval()
                     validation = task.validate(self.model)
                     validation_seconds = time.perf_counter() - t_val
-                    last_score = validation.score
                     row = {
                         "epoch": self.epoch,
                         "iteration": self.iteration,
@@ -680,6 +678,14 @@ class Engine:
                     else:
                         best["epochs_since_best"] += 1
                     if self.main_process:
+                        # weights_last follows the checkpoint, so `--checkpoint last` after
+                        # a kill predicts with the weights a resume would continue from
+                        write_weights(
+                            self.folder,
+                            "last",
+                            self.model.state_dict(),
+                            metadata=task.weights_metadata(self.epoch - 1, score),
+                        )
                         save_checkpoint(
                             self.folder / CHECKPOINT_LAST,
                             self._checkpoint_state(elapsed(), best, log.rows),
@@ -714,14 +720,6 @@ class Engine:
         finally:
             prefetcher.close()
             log.close()
-        trained = session_iterations > 0 or not weights_path(self.folder, "last").is_file()
-        if self.epoch > 0 and self.main_process and trained:
-            write_weights(
-                self.folder,
-                "last",
-                self.model.state_dict(),
-                metadata=task.weights_metadata(self.epoch - 1, last_score),
-            )
         return LoopResult(
             folder=str(self.folder),
             epochs=self.epoch,

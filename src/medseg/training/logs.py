@@ -6,12 +6,9 @@ import csv
 import os
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no global backend, no window, faster import
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from medseg.imaging.atomic import atomic_path  # noqa: E402
+from medseg.imaging.atomic import atomic_path
 
 
 class TrainingLog:
@@ -54,7 +51,8 @@ class TrainingLog:
         if not self.rows:
             return
         epochs = [r["epoch"] for r in self.rows]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig = Figure(figsize=(10, 3.6))
+        ax1, ax2 = fig.subplots(1, 2)
         ax1.plot(epochs, [r.get("train_loss", float("nan")) for r in self.rows], label="train loss")
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("loss")
@@ -81,7 +79,6 @@ class TrainingLog:
         fig.tight_layout()
         with atomic_path(self.folder / "curves.png") as tmp:
             fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
 
     def close(self) -> None:
         if self.writer is not None:
