@@ -23,7 +23,7 @@ From the two directed lists of (distance, area):
   included: see :func:`_with_rounding`).
 
 Where medseg differs from MONAI and medpy (each shown by a test in
-``tests/test_metrics_reference.py``): MONAI and medpy take the voxels at a
+``tests/evaluation/test_distances.py``): MONAI and medpy take the voxels at a
 mask's edge (the mask minus its erosion) as the surface, each counted once,
 and measure voxel-centre to voxel-centre; medpy pools both directions before
 taking the 95th percentile; MONAI assumes 1 mm spacing unless given. Their
