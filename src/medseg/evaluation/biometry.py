@@ -42,6 +42,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import EllipseModel, find_contours
 
 from medseg.errors import MedsegError
+from medseg.evaluation.report import display_window
 from medseg.imaging.atomic import write_bytes_atomic
 from medseg.imaging.components import keep_largest_component
 from medseg.imaging.morphology import fill_holes
@@ -941,9 +942,7 @@ def render_head_overlay_png(
     nx, ny = mask.shape
     if image is not None:
         grey = np.asarray(image.array, dtype=np.float32).T
-        finite = grey[np.isfinite(grey)]
-        low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-        window = (float(low), float(high) if high > low else float(low) + 1.0)
+        window = display_window(grey)
     else:
         grey = (_label_array(np.asarray(mask.array), "mask") > 0).astype(np.float32).T * 0.45
         window = (0.0, 1.0)

@@ -72,7 +72,8 @@ def _reorient(array: np.ndarray, order: Sequence[int], flips: Sequence[bool]) ->
     return out
 
 
-def _display_window(array: np.ndarray) -> tuple[float, float]:
+def display_window(array: np.ndarray) -> tuple[float, float]:
+    """Grey-level window of an image for display: its 0.5th to 99.5th percentile."""
     sample = array.ravel()[:: max(1, array.size // 1_000_000)].astype(np.float64)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
@@ -179,7 +180,7 @@ def render_overlay_png(
         grey, window = np.zeros(ref_array.shape, dtype=np.float32), (0.0, 1.0)
     else:
         grey = _reorient(np.asarray(image.array), order, flips)
-        window = _display_window(grey)
+        window = display_window(grey)
     panels = _panels(grey, ref_array, pred_array, spacing, focus_label)
 
     figure = Figure(figsize=(4.2 * len(panels), 4.8) if len(panels) > 1 else (6.4, 5.4))
