@@ -9,7 +9,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from medseg import __version__, api
-from medseg.cli import classical, deploy, evaluation, hospital, registration, zoo
+from medseg.cli import (
+    classical,
+    continual,
+    deploy,
+    evaluation,
+    federated,
+    hospital,
+    pretraining,
+    registration,
+    trust,
+    zoo,
+)
 from medseg.cli.common import (
     add_train_options,
     parse_folds,
@@ -23,7 +34,18 @@ from medseg.settings import Settings
 
 # Command groups kept in their own modules; each has ``add_commands(sub)`` and sets
 # ``handler(args, settings, show_progress) -> exit code`` on its parsers.
-COMMAND_MODULES = (evaluation, classical, registration, deploy, hospital, zoo)
+COMMAND_MODULES = (
+    evaluation,
+    classical,
+    registration,
+    deploy,
+    hospital,
+    zoo,
+    pretraining,
+    continual,
+    federated,
+    trust,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

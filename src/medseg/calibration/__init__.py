@@ -1,0 +1,1 @@
+"""Calibrated probabilities and per-case uncertainty scores (issue 20)."""

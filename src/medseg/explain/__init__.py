@@ -1,0 +1,1 @@
+"""Attribution maps that explain a segmentation (issue 20)."""

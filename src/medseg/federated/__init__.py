@@ -1,0 +1,1 @@
+"""Federated training across sites with Flower, with differential privacy (issue 19)."""

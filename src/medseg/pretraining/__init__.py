@@ -1,0 +1,1 @@
+"""Self-supervised pretraining of encoders on unlabelled images (issue 17)."""
