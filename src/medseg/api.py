@@ -24,18 +24,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg import workflow
+from medseg.calibration import calibrate_model
+from medseg.continual import ExtendResult
+from medseg.continual import extend as extend_model
 from medseg.ensembling import ensemble_predict_folder
 from medseg.errors import MedsegError
 from medseg.evaluation import EvaluationReport, evaluate_folders
 from medseg.evaluation.biometry import BiometryReport, measure_folder
 from medseg.evaluation.crossval import evaluate_cross_validation as evaluate_folds
 from medseg.evaluation.metrics import compute_metrics as compute_all_metrics
+from medseg.explain import explain_files
 from medseg.export import ExportReport, export_model, prune_model_dir
+from medseg.federated import (
+    FederationConfig,
+    join_federation,
+    make_certificates,
+    serve_federation,
+    simulate_federation,
+)
+from medseg.imaging.lock import holds_folder
 from medseg.io.check import CheckReport, check_dataset, require_clean
 from medseg.io.dataset import DatasetSpec
+from medseg.model_folder import ModelFolder
 from medseg.planning import Fingerprint, Plan, read_plan
 from medseg.planning.work_dir import PLAN_FILE, fingerprint_dataset, plan_dataset, plan_for
 from medseg.preprocessing import preprocess_dataset
+from medseg.pretraining import PretrainConfig, PretrainResult
+from medseg.pretraining import pretrain as pretrain_images
 from medseg.registration.learned import RegistrationTrainConfig, RegistrationTrainResult
 from medseg.registration.pipeline import (
     atlas_segment_files,
@@ -45,6 +60,7 @@ from medseg.registration.pipeline import (
 from medseg.training import TrainConfig
 from medseg.tuning import run_study
 from medseg.workflow import (  # the facade's orchestration functions, as they are
+    coregister,
     demo,
     distill,
     filter_images,
@@ -64,15 +80,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "atlas_segment",
+    "calibrate",
     "check",
     "compute_metrics",
+    "coregister",
     "deidentify",
     "demo",
     "distill",
     "ensemble",
     "evaluate",
     "evaluate_cross_validation",
+    "explain",
     "export",
+    "extend",
     "filter_images",
     "fingerprint",
     "link_cases",
@@ -81,6 +101,7 @@ __all__ = [
     "plan",
     "predict",
     "preprocess",
+    "pretrain",
     "prune",
     "read_dicom",
     "register",
@@ -115,6 +136,7 @@ def fingerprint(
     return fingerprint_dataset(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
 
 
+@holds_folder("plan", "work_dir")
 def plan(
     dataset: str | os.PathLike,
     work_dir: str | os.PathLike,
@@ -139,14 +161,29 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return read_plan(path)
 
 
+@holds_folder("preprocess", "work_dir")
 def preprocess(
     dataset: str | os.PathLike,
     work_dir: str | os.PathLike,
     *,
+    coregister: str | None = None,
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> Path:
-    """Preprocess all labelled cases with the work folder's plan (cached)."""
+    """Preprocess all labelled cases with the work folder's plan (cached).
+
+    ``coregister`` ("rigid", "affine" or "header") first puts every channel on channel
+    0's grid in ``work_dir/coregistered`` (see :func:`medseg.workflow.coregister`) and
+    preprocesses that dataset; train on it (``medseg train <work_dir>/coregistered``).
+    """
+    if coregister is not None:
+        dataset = workflow.coregister(
+            dataset,
+            work_dir,
+            method=coregister,
+            num_workers=num_workers,
+            show_progress=show_progress,
+        )
     spec = require_clean(dataset)
     the_plan = plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
     return preprocess_dataset(
@@ -154,6 +191,7 @@ def preprocess(
     )
 
 
+@holds_folder("evaluate", "output_dir")
 def evaluate(
     pred_dir: str | os.PathLike,
     ref_dir: str | os.PathLike,
@@ -375,6 +413,7 @@ def atlas_segment(
 # --- fast inference and export (issue 6) ---
 
 
+@holds_folder("export", "model_dir")
 def export(
     model_dir: str | os.PathLike,
     *,
@@ -531,5 +570,231 @@ def tune(
         seed=seed,
         num_workers=num_workers,
         parallel=parallel,
+        show_progress=show_progress,
+    )
+
+
+# --- self-supervised pretraining (issue 17) ---
+
+
+def pretrain(
+    images: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    config: PretrainConfig | None = None,
+    plan: str | os.PathLike | None = None,
+    split_file: str | os.PathLike | None = None,
+    fold: int = 0,
+    resume: bool = True,
+    num_workers: int = 2,
+    show_progress: bool = True,
+) -> PretrainResult:
+    """Pretrain the plan's U-Net encoder on unlabelled images (``mae``, ``contrastive`` or
+    ``genesis``) into ``work_dir/model``; fine-tune with :func:`train` and
+    ``TrainConfig(init_from=work_dir)``. ``plan`` is the fine-tuning plan (a plan JSON, or
+    a work or model folder), so the encoder fits it exactly (see
+    :func:`medseg.pretraining.pretrain`)."""
+    return pretrain_images(
+        images,
+        work_dir,
+        config=config,
+        plan=plan,
+        split_file=split_file,
+        fold=fold,
+        resume=resume,
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )
+
+
+# --- trust: calibration, quality control, explanations (issue 20) ---
+
+
+def calibrate(
+    model_dir: str | os.PathLike,
+    *,
+    folds: list[int] | None = None,
+    mode: str = "global",
+    mirror: bool = False,
+    mc_samples: int = 0,
+    max_cases: int | None = None,
+    target_recall: float = 0.8,
+    failure_quantile: float = 0.1,
+    device: str = "auto",
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Fit temperature scaling (``mode`` "global" or "per_class") and the ``predict --qc``
+    review threshold on the model's cross-validation predictions only (each fold predicts
+    its own validation cases); store them in ``calibration.json`` in the model folder, which
+    :func:`predict` then applies. ``mirror`` (TTA) and ``mc_samples`` should match how you
+    predict. See :func:`medseg.calibration.calibrate_model`."""
+    folder = ModelFolder.open(model_dir)
+    return calibrate_model(
+        folder.path,
+        folds=folds,
+        mode=mode,
+        mirror_axes=tuple(range(folder.plan.ndim)) if mirror else (),
+        mc_samples=mc_samples,
+        max_cases=max_cases,
+        target_recall=target_recall,
+        failure_quantile=failure_quantile,
+        device=device,
+        overwrite=overwrite,
+        show_progress=show_progress,
+    )
+
+
+def explain(
+    model_dir: str | os.PathLike,
+    image: str | os.PathLike | list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    method: str = "occlusion",
+    class_value: str | int,
+    region: str | os.PathLike | None = None,
+    fold: int | None = None,
+    window: tuple[int, ...] | None = None,
+    stride: tuple[int, ...] | None = None,
+    steps: int = 32,
+    device: str = "auto",
+) -> dict:
+    """Attribution map of one class (a name or label value) of an image: ``method``
+    "occlusion", "gradcam" or "integrated_gradients" (captum), inside ``region`` (a mask
+    file on the image's grid; default: the predicted segmentation of the class). Writes the
+    NIfTI map, a PNG overlay, a JSON record and ``report.html`` into ``output_dir``; returns
+    the record. See :func:`medseg.explain.explain_files`."""
+    return explain_files(
+        model_dir,
+        image,
+        output_dir,
+        method=method,
+        class_value=class_value,
+        region=region,
+        fold=fold,
+        window=window,
+        stride=stride,
+        steps=steps,
+        device=device,
+    )
+
+
+def federated_certs(
+    output_dir: str | os.PathLike,
+    *,
+    sites: list[str],
+    hosts: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """A federation's CA, SuperLink certificate (for ``hosts``) and one key pair per site.
+    See :mod:`medseg.federated.certs`."""
+    return vars(make_certificates(output_dir, sites=sites, hosts=hosts, overwrite=overwrite))
+
+
+def federated_server(
+    output_dir: str | os.PathLike,
+    *,
+    certs_dir: str | os.PathLike,
+    config: FederationConfig,
+    host: str = "127.0.0.1",
+    port: int = 9092,
+    connect_host: str = "127.0.0.1",
+) -> dict:
+    """Coordinate a federated run (Flower SuperLink, TLS, node authentication); each round's
+    global model is a model folder ``output_dir/round_<r>``. See :mod:`medseg.federated.deploy`."""
+    return serve_federation(
+        output_dir, certs_dir, config, host=host, port=port, connect_host=connect_host
+    )
+
+
+def federated_client(
+    dataset: str | os.PathLike,
+    *,
+    server: str,
+    certs_dir: str | os.PathLike,
+    key: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    name: str = "site",
+    runtime_port: int | None = None,
+    device: str = "cpu",
+    num_threads: int | None = None,
+) -> int:
+    """Join a federation as a site (a Flower SuperNode) until stopped; only weights and
+    counts leave the site."""
+    return join_federation(
+        dataset,
+        server=server,
+        certs_dir=certs_dir,
+        key=key,
+        work_dir=work_dir,
+        name=name,
+        runtime_port=runtime_port,
+        device=device,
+        num_threads=num_threads,
+    )
+
+
+def federated_simulate(
+    dataset: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    sites: int,
+    split_by: str,
+    config: FederationConfig,
+    split_file: str | os.PathLike | None = None,
+    deployment: bool = False,
+    num_threads: int | None = 1,
+) -> dict:
+    """Federate one dataset split into ``sites`` on this machine (in process, or as a real
+    loopback deployment with ``deployment=True``)."""
+    return simulate_federation(
+        dataset,
+        output_dir,
+        config,
+        sites=sites,
+        split_by=split_by,
+        split_file=split_file,
+        deployment=deployment,
+        num_threads=num_threads,
+    )
+
+
+# --- continual learning ---
+
+
+def extend(
+    model_dir: str | os.PathLike,
+    dataset: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    method: str = "naive",
+    exemplars: int = 5,
+    old_dataset: str | os.PathLike | None = None,
+    fold: int | None = None,
+    config: TrainConfig | None = None,
+    split_file: str | os.PathLike | None = None,
+    weight: float | None = None,
+    num_workers: int = 2,
+    show_progress: bool = True,
+) -> ExtendResult:
+    """Extend a trained model with new classes or a new site without forgetting the old
+    (``work_dir/model`` is the extended model folder; see :mod:`medseg.continual.extend`).
+
+    ``method`` is naive, lwf, mib, plop, rehearsal or ewc; ``exemplars`` (K) bounds the
+    old cases kept, chosen from ``old_dataset`` (which also measures forgetting) or
+    inherited from ``model_dir``.
+    """
+    return extend_model(
+        model_dir,
+        dataset,
+        work_dir,
+        method=method,
+        exemplars=exemplars,
+        old_dataset=old_dataset,
+        fold=fold,
+        config=config,
+        split_file=split_file,
+        weight=weight,
+        num_workers=num_workers,
         show_progress=show_progress,
     )

@@ -18,7 +18,9 @@ and plain containers, and the original file is kept.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import pickle
 import sys
@@ -37,15 +39,20 @@ from medseg.models import create_model
 from medseg.models.fusion import fuse_conv_batchnorm
 from medseg.planning.plan import Plan, read_plan
 from medseg.runtime import memory_format
+from medseg.schema import WEIGHTS_METADATA_SCHEMA, check_plan_json, read_checked_json
 from medseg.serialization import write_json_atomic
 
 __all__ = [
+    "CALIBRATION_FILE",
     "WEIGHT_KINDS",
     "WEIGHTS_FORMAT_VERSION",
+    "Calibration",
     "ModelFolder",
     "build_network",
+    "file_sha256",
     "has_weights",
     "legacy_checkpoint_path",
+    "read_calibration",
     "read_state_dict_file",
     "read_weights",
     "read_weights_metadata",
@@ -55,6 +62,7 @@ __all__ = [
 
 WEIGHTS_FORMAT_VERSION = 1
 WEIGHT_KINDS = ("best", "last")
+CALIBRATION_FILE = "calibration.json"  # written by ``medseg calibrate`` (medseg.calibration)
 
 
 def _check_kind(kind: str) -> None:
@@ -109,14 +117,16 @@ def write_weights(
     Notes
     -----
     Both files are written to temporary names in ``folder`` and renamed into place, the
-    metadata first, so a reader never sees weights without their metadata.
+    metadata first, so a reader never sees weights without their metadata. The metadata
+    records the SHA-256 of the weights file (``sha256``), checked by :func:`read_weights`.
     """
     path = weights_path(folder, kind)
     tensors = _plain_tensors(state_dict)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
         write_json_atomic(
-            {"format_version": WEIGHTS_FORMAT_VERSION, **metadata}, path.with_suffix(".json")
+            {"format_version": WEIGHTS_FORMAT_VERSION, **metadata, "sha256": file_sha256(tmp)},
+            path.with_suffix(".json"),
         )
 
 
@@ -125,17 +135,34 @@ def has_weights(folder: str | os.PathLike, kind: str = "best") -> bool:
     return weights_path(folder, kind).is_file() or legacy_checkpoint_path(folder, kind).is_file()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
     json_path = path.with_suffix(".json")
     if not json_path.is_file():
         return {}
-    try:
-        metadata = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MedsegError(f"{json_path}: unreadable weights metadata ({exc})") from None
-    if not isinstance(metadata, dict):
-        raise MedsegError(f"{json_path}: weights metadata is not a JSON object")
-    return metadata
+    # checked against its schema: the folder may come from anywhere
+    return read_checked_json(json_path, WEIGHTS_METADATA_SCHEMA)
+
+
+def _check_checksum(path: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse weights whose SHA-256 differs from the one their metadata recorded."""
+    expected = metadata.get("sha256")
+    if expected is None:  # written before checksums were recorded
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise MedsegError(
+            f"{path}: checksum mismatch (sha256 {actual[:16]}..., {path.with_suffix('.json').name} "
+            f"records {expected[:16]}...): the weights file is damaged or was replaced"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -208,11 +235,13 @@ def read_weights(
     """
     path = weights_path(folder, kind)
     if path.is_file():
+        metadata = _read_metadata(path)
+        _check_checksum(path, metadata)
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as exc:
             raise MedsegError(f"{path}: unreadable weights ({exc})") from None
-        return tensors, _read_metadata(path)
+        return tensors, {k: v for k, v in metadata.items() if k != "sha256"}
     legacy = legacy_checkpoint_path(folder, kind)
     if not legacy.is_file():
         raise MedsegError(f"{folder}: no {kind} weights ({path.name})")
@@ -299,6 +328,76 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """What ``medseg calibrate`` stored in a model folder (``calibration.json``).
+
+    Parameters
+    ----------
+    temperature
+        One temperature (global) or one per class; logits are divided by it before the softmax.
+    qc_score
+        Name of the per-case uncertainty score that ``predict --qc`` reports.
+    qc_threshold
+        Cases whose score is at least this are flagged for review (None: not chosen).
+    record
+        The whole JSON object (how and on what it was fitted).
+    """
+
+    temperature: tuple[float, ...]
+    qc_score: str | None = None
+    qc_threshold: float | None = None
+    record: Mapping[str, Any] | None = None
+
+
+def _positive_finite(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def read_calibration(path: str | os.PathLike, num_classes: int) -> Calibration | None:
+    """The calibration stored at ``path`` (``None`` when there is no file), validated.
+
+    Raises
+    ------
+    MedsegError
+        One line naming the file, when it is not JSON, a temperature is not a positive
+        finite number, or the number of temperatures is neither 1 nor ``num_classes``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MedsegError(f"{path}: unreadable calibration ({_first_line(exc)})") from None
+    temps = data.get("temperature") if isinstance(data, dict) else None
+    if not isinstance(temps, list) or not temps or not all(map(_positive_finite, temps)):
+        raise MedsegError(f"{path}: 'temperature' must be a list of positive numbers")
+    if len(temps) not in (1, num_classes):
+        raise MedsegError(
+            f"{path}: {len(temps)} temperatures for a model of {num_classes} classes "
+            "(give 1 or one per class)"
+        )
+    qc = data.get("qc") or {}
+    threshold = qc.get("threshold") if isinstance(qc, dict) else None
+    if threshold is not None and not (
+        isinstance(threshold, (int, float)) and math.isfinite(threshold)
+    ):
+        raise MedsegError(f"{path}: 'qc.threshold' must be a finite number")
+    score = qc.get("score") if isinstance(qc, dict) else None
+    return Calibration(
+        temperature=tuple(float(t) for t in temps),
+        qc_score=str(score) if score else None,
+        qc_threshold=None if threshold is None else float(threshold),
+        record=data,
+    )
+
+
+@dataclass(frozen=True)
 class ModelFolder:
     """A trained model folder: its plan and the weights of its folds.
 
@@ -332,6 +431,7 @@ class ModelFolder:
             path = path / "model"
         if not (path / "plan.json").is_file():
             raise MedsegError(f"{path}: not a medseg model folder (no plan.json)")
+        check_plan_json(path / "plan.json")  # types and bounds before any value is used
         folder = cls(path, read_plan(path))
         if not folder.folds("best") and not folder.folds("last"):
             raise MedsegError(
@@ -343,6 +443,11 @@ class ModelFolder:
     def labels(self) -> dict[int, str]:
         """Label value -> name, background included."""
         return {int(value): str(name) for value, name in self.plan.labels}
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The folder's ``calibration.json`` (``medseg calibrate``), validated; None if absent."""
+        return read_calibration(self.path / CALIBRATION_FILE, self.plan.num_classes)
 
     def fold_dir(self, fold: int) -> Path:
         """The folder of fold ``fold`` (which may not exist)."""

@@ -14,9 +14,11 @@ CLI calls the facade. Work folder layout (``work_dir``)::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ from medseg.ensembling import select_best
 from medseg.errors import MedsegError
 from medseg.evaluation import evaluate_folders
 from medseg.filters import apply_filter
+from medseg.imaging.lock import holds_folder
 from medseg.inference import Prediction, predict_to_folder
+from medseg.inference.fanout import predict_fanout, raise_failures
 from medseg.inference.postprocess import PostprocessConfig
 from medseg.inference.postprocess_selection import select_postprocessing as select_on_folds
 from medseg.io.check import require_clean
@@ -38,6 +42,8 @@ from medseg.io.phantoms import write_phantom_dataset
 from medseg.model_folder import ModelFolder
 from medseg.planning.work_dir import plan_for
 from medseg.preprocessing import preprocess_dataset
+from medseg.preprocessing.coregister import coregister_dataset
+from medseg.registration.coregister import channel_aligner
 from medseg.serialization import to_jsonable, write_json_atomic
 from medseg.training import (
     TrainConfig,
@@ -47,9 +53,21 @@ from medseg.training import (
     train_fold,
     write_splits,
 )
+from medseg.training.distributed import (
+    DataParallelHook,
+    join_process_group,
+    launch,
+    main_first,
+    peer_failures,
+    rank_device,
+    rank_env,
+    threads_per_rank,
+)
 from medseg.training.finetune import check_train_config
+from medseg.training.splits import labelled_subset
 
 __all__ = [
+    "coregister",
     "demo",
     "distill",
     "filter_images",
@@ -109,18 +127,26 @@ def train_folds(
     num_workers: int,
     show_progress: bool,
     started: float,
+    data_parallel: bool = False,
 ) -> list[TrainResult]:
     """Plan (if needed), preprocess (cached) and train ``folds`` (default: fold 0) of a checked dataset.
 
     ``config.time_budget_minutes`` counts from ``started`` (a ``time.perf_counter()``
     value) and is shared by the remaining folds. ``config.distill`` attaches the
-    distillation hook (a new one for every fold).
+    distillation hook (a new one for every fold). ``data_parallel``: this process is one
+    rank of a torchrun (or ``--nproc``) run (see :mod:`medseg.training.distributed`).
     """
     config = config or TrainConfig()
-    the_plan = plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
-    pre = preprocess_dataset(
-        spec, the_plan, work_dir, num_workers=num_workers, show_progress=show_progress
-    )
+    env = rank_env() if data_parallel else None
+    if env is not None:
+        join_process_group(env, device=config.device)
+        threads, note = threads_per_rank(env, config.num_threads)
+        config = replace(config, num_threads=threads, device=rank_device(env, config.device))
+    with main_first(env):  # rank 0 plans and preprocesses; the other ranks read its cache
+        the_plan = plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
+        pre = preprocess_dataset(
+            spec, the_plan, work_dir, num_workers=num_workers, show_progress=show_progress
+        )
     model_dir = Path(work_dir) / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(the_plan, model_dir / "plan.json")
@@ -141,13 +167,33 @@ def train_folds(
             )
         # Distillation is an engine hook; a new one for every fold.
         hooks = [make_distillation_hook(config.distill, the_plan)] if config.distill else []
+        if env is not None:
+            hooks.append(DataParallelHook(env, threads=threads, note=note))
+        train_ids = all_folds[fold]["train"]
+        if config.labelled_fraction is not None or config.labelled_cases is not None:
+            train_ids = labelled_subset(
+                train_ids,
+                fraction=config.labelled_fraction,
+                cases=config.labelled_cases,
+                seed=config.seed,
+            )
+            write_json_atomic(
+                {
+                    "fraction": config.labelled_fraction,
+                    "cases": config.labelled_cases,
+                    "seed": config.seed,
+                    "of": len(all_folds[fold]["train"]),
+                    "train": train_ids,
+                },
+                model_dir / f"fold_{fold}" / "labelled_subset.json",
+            )
         results.append(
             train_fold(
                 the_plan,
                 pre,
                 model_dir / f"fold_{fold}",
                 fold_config,
-                train_ids=all_folds[fold]["train"],
+                train_ids=train_ids,
                 val_ids=all_folds[fold]["val"],
                 resume=resume,
                 show_progress=show_progress,
@@ -157,6 +203,12 @@ def train_folds(
     return results
 
 
+def _in_a_rank() -> bool:
+    """A rank of a data-parallel run: its launcher holds the work folder's lock."""
+    return rank_env() is not None
+
+
+@holds_folder("train", "work_dir", unless=_in_a_rank)
 def train(
     dataset: str | os.PathLike,
     work_dir: str | os.PathLike,
@@ -167,28 +219,79 @@ def train(
     resume: bool = True,
     num_workers: int = 2,
     show_progress: bool = True,
+    nproc: int = 1,
 ) -> list[TrainResult]:
     """Plan (if needed), preprocess (cached) and train the given folds (default: fold 0).
 
     The plan is read back from ``work_dir/plan.json``, so hand edits take effect.
     ``config.time_budget_minutes`` is shared by all folds and counts the
-    preprocessing too.
+    preprocessing too. ``nproc`` > 1 trains data parallel in that many processes on
+    this machine; under torchrun every process is a rank (``nproc`` is then ignored).
     """
     started = time.perf_counter()
     spec = require_clean(dataset)
-    return train_folds(
-        spec,
-        work_dir,
-        folds=folds,
-        config=config,
-        split_file=split_file,
-        resume=resume,
-        num_workers=num_workers,
-        show_progress=show_progress,
-        started=started,
+    env = rank_env()
+    if nproc > 1 and env is None:
+        return train_ranks(
+            dataset, work_dir, nproc=nproc, folds=folds, config=config, split_file=split_file,
+            resume=resume, num_workers=num_workers, show_progress=show_progress,
+            started=started,
+        )  # fmt: skip
+    with peer_failures(env):  # a dead rank: a one-line error here, not a hang
+        return train_folds(
+            spec,
+            work_dir,
+            folds=folds,
+            config=config,
+            split_file=split_file,
+            resume=resume,
+            num_workers=num_workers,
+            show_progress=show_progress,
+            started=started,
+            data_parallel=env is not None,
+        )
+
+
+def train_ranks(
+    dataset: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    nproc: int,
+    folds: list[int] | None,
+    config: TrainConfig | None,
+    split_file: str | os.PathLike | None,
+    resume: bool,
+    num_workers: int,
+    show_progress: bool,
+    started: float,
+) -> list[TrainResult]:
+    """:func:`train` as ``nproc`` ranks on this machine: plan and preprocess here once,
+    then start the ranks (each runs :func:`train`); rank 0's results are read back."""
+    config = config or TrainConfig()
+    spec = require_clean(dataset)
+    the_plan = plan_for(spec, work_dir, num_workers=num_workers, show_progress=show_progress)
+    preprocess_dataset(
+        spec, the_plan, work_dir, num_workers=num_workers, show_progress=show_progress
     )
+    if config.time_budget_minutes is not None:  # the ranks' clocks start now
+        left = config.time_budget_minutes - (time.perf_counter() - started) / 60
+        config = replace(config, time_budget_minutes=max(left, 0.1))
+    options = {"folds": folds, "config": config, "split_file": split_file, "resume": resume}
+    launch(
+        train,
+        {"dataset": dataset, "work_dir": work_dir, "nproc": nproc, **options,
+         "num_workers": num_workers, "show_progress": show_progress},
+        nproc=nproc,
+        threads=config.num_threads,
+    )  # fmt: skip
+    model_dir = Path(work_dir) / "model"
+    return [
+        TrainResult(**json.loads((model_dir / f"fold_{f}" / "train_result.json").read_text()))
+        for f in (folds if folds is not None else [0])
+    ]
 
 
+@holds_folder("predict", "output_dir")
 def predict(
     model_dir: str | os.PathLike,
     input_path: str | os.PathLike,
@@ -207,6 +310,14 @@ def predict(
     postprocess: bool = True,
     precision: str = "auto",
     show_progress: bool = True,
+    nan_policy: str = "refuse",
+    missing: Sequence[str] = (),
+    engine: str | None = None,
+    address: str | None = None,
+    probabilities: str | None = None,
+    mc_samples: int = 0,
+    qc: bool = False,
+    calibrated: bool = True,
 ) -> list[Prediction]:
     """Predict a file, a folder of files or a DICOM series; outputs keep the input geometry.
 
@@ -218,11 +329,35 @@ def predict(
     "bf16" runs PyTorch on CPU under bfloat16 autocast; "auto" (default) does so
     where the CPU has native bfloat16 (AMX/AVX512-BF16), "fp32" never. Reading, the
     network and writing overlap (``num_workers`` reader threads); finished cases
-    are skipped, so a killed run resumes.
+    are skipped, so a killed run resumes. ``nan_policy`` "refuse" (default) stops at an
+    input with NaN or infinite voxels; "zero" sets them to 0 with a warning naming the file.
+    ``engine`` "local" or "ray" fans the cases out over ``num_workers`` processes or Ray
+    actors (``address``: a Ray cluster), see :mod:`medseg.inference.fanout`.
+    The model folder's temperature (``medseg calibrate``) is applied unless ``calibrated``
+    is False; ``probabilities`` "nifti"/"npz" writes calibrated class probabilities,
+    ``mc_samples`` adds MC-dropout members, ``qc`` writes ``qc.csv`` (per-case uncertainty
+    score and review flag), see :func:`medseg.inference.batch.predict_batch`.
     """
     folder = ModelFolder.open(model_dir)
     if mirror_axes is None:
         mirror_axes = tuple(range(folder.plan.ndim)) if mirror else ()
+    if engine is not None:  # fan-out: ``num_workers`` processes or Ray actors (issue 21)
+        if missing:
+            raise MedsegError("missing-modality prediction runs in one process (no --engine)")
+        if probabilities or mc_samples or qc or not calibrated:
+            raise MedsegError(
+                "--probabilities, --mc-dropout, --qc and --no-calibration run in one process "
+                "(no --engine)"
+            )
+        fanned = predict_fanout(
+            folder.path, input_path, output_dir, engine=engine, workers=num_workers,
+            address=address, folds=folds, mirror_axes=tuple(mirror_axes),
+            largest_component=largest_component, fill=fill_holes, overwrite=overwrite,
+            device=device, backend=backend, postprocess=postprocess, uncertainty=uncertainty,
+            precision=precision, nan_policy=nan_policy, show_progress=show_progress,
+        )  # fmt: skip
+        raise_failures(fanned, output_dir)
+        return fanned.predictions
     return predict_to_folder(
         folder.path,
         input_path,
@@ -238,6 +373,39 @@ def predict(
         uncertainty=uncertainty,
         num_workers=num_workers,
         precision=precision,
+        show_progress=show_progress,
+        nan_policy=nan_policy,
+        missing=missing,
+        probabilities=probabilities,
+        mc_samples=mc_samples,
+        qc=qc,
+        calibrated=calibrated,
+    )
+
+
+def coregister(
+    dataset: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    method: str = "rigid",
+    num_workers: int = 2,
+    show_progress: bool = True,
+) -> Path:
+    """Put every channel of every case on its channel 0's grid: ``work_dir/coregistered``.
+
+    ``method`` "rigid" or "affine" registers each channel to channel 0 first (Mattes
+    mutual information from the header alignment; kept only where it improves the
+    metric), "header" only resamples through the headers. The transforms are saved per
+    case (``transforms/``). The result is a dataset folder in the nnU-Net v2 layout that
+    passes ``medseg check``; plan, preprocess and train on it.
+    """
+    spec = require_clean(dataset, allow_channel_grids=True)
+    return coregister_dataset(
+        spec,
+        Path(work_dir) / "coregistered",
+        align=channel_aligner(method),
+        method=method,
+        num_workers=num_workers,
         show_progress=show_progress,
     )
 
@@ -268,6 +436,7 @@ def link_cases(spec: DatasetSpec, case_ids: list[str], folder: Path) -> tuple[Pa
     return images, labels
 
 
+@holds_folder("run", "work_dir")
 def run(
     dataset: str | os.PathLike,
     work_dir: str | os.PathLike,

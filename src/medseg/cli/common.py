@@ -63,6 +63,33 @@ def comma_floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers like 0.3,0.7 (got {value!r})") from None
 
 
+def add_scale_options(p: argparse.ArgumentParser, *, command: str) -> None:
+    """Scale-out options: ``--nproc``/``--threads`` for ``train``, ``--engine``/``--address``
+    for ``predict`` (whose ``--workers`` then counts worker processes or Ray actors)."""
+    g = p.add_argument_group("scale out")
+    if command == "train":
+        g.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            help="data-parallel ranks on this machine (gloo on CPU, NCCL on GPUs); under "
+            "torchrun every process is a rank already",
+        )
+        g.add_argument(
+            "--threads", type=int, help="CPU threads per process (default: cores / ranks)"
+        )
+    else:
+        g.add_argument(
+            "--engine",
+            choices=("local", "ray"),
+            help="fan the cases out over --workers processes on this machine (local) or "
+            "Ray actors (ray); default: one process with --workers reader threads",
+        )
+        g.add_argument(
+            "--address", help="with --engine ray: the Ray cluster (default: a local instance)"
+        )
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """The training options shared by ``train``, ``run``, ``distill`` and ``tune``."""
     g = p.add_argument_group("training")
@@ -102,13 +129,26 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--init-from",
         metavar="MODEL_DIR",
-        help="fine-tune: start from a trained medseg model's matching layers (new head)",
+        help="fine-tune: start from a trained or pretrained medseg model's matching layers "
+        "(new head); init_from.json in the fold folder lists loaded and new layers",
     )
     g.add_argument(
         "--freeze-epochs",
         type=int,
         metavar="EPOCHS",
         help="with --init-from: train only the new layers for this many epochs first",
+    )
+    g.add_argument(
+        "--labelled-fraction",
+        type=float,
+        metavar="F",
+        help="train on a reproducible share of the fold's training cases (drawn with --seed)",
+    )
+    g.add_argument(
+        "--labelled-cases",
+        type=int,
+        metavar="N",
+        help="train on N of the fold's training cases (drawn with --seed)",
     )
     g.add_argument(
         "--class-weighting",
@@ -124,6 +164,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         "--encoder-weights",
         metavar="FILE",
         help="torchvision-format ResNet state dict for the resnet*_unet models",
+    )
+    g.add_argument(
+        "--modality-dropout",
+        type=float,
+        metavar="P",
+        help="multi-channel data: zero each channel of a training sample with probability P "
+        "(never all), so that `medseg predict --missing` works",
     )
     g.add_argument("--no-augmentation", action="store_true")
     g.add_argument(
@@ -151,9 +198,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         "device": args.device,
         "init_from": getattr(args, "init_from", None),
         "freeze_epochs": getattr(args, "freeze_epochs", None),
+        "labelled_fraction": getattr(args, "labelled_fraction", None),
+        "labelled_cases": getattr(args, "labelled_cases", None),
         "class_weighting": getattr(args, "class_weighting", None),
         "class_sampling": getattr(args, "class_sampling", None),
         "encoder_weights": getattr(args, "encoder_weights", None),
+        "modality_dropout": getattr(args, "modality_dropout", None),
     }
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if args.no_augmentation:

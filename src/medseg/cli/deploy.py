@@ -10,6 +10,7 @@ from medseg import api
 from medseg.cli.common import parse_folds, print_json, trained_folds
 from medseg.export import FORMATS, INT8_MODES
 from medseg.inference.predictor import BACKENDS
+from medseg.io.sanity import NAN_POLICIES
 from medseg.runtime import PRECISIONS
 from medseg.settings import Settings
 
@@ -99,6 +100,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             action="store_true",
             help="ignore the model folder's postprocessing.json",
         )
+        g.add_argument(
+            "--nan-policy",
+            choices=NAN_POLICIES,
+            default="refuse",
+            help="NaN or infinite input voxels: refuse the case (default) or set them to 0 "
+            "with a warning naming the file and the voxel count",
+        )
         predict.set_defaults(handler=run_predict)
 
 
@@ -155,6 +163,15 @@ def run_predict(args: argparse.Namespace, settings: Settings, show_progress: boo
         postprocess=not args.no_postprocess,
         precision=args.precision,
         show_progress=show_progress,
+        nan_policy=args.nan_policy,
+        missing=args.missing or (),
+        engine=getattr(args, "engine", None),
+        address=getattr(args, "address", None),
+        # trust options (added by cli/trust.py, issue 20)
+        probabilities=getattr(args, "probabilities", None),
+        mc_samples=getattr(args, "mc_dropout", 0),
+        qc=getattr(args, "qc", False),
+        calibrated=not getattr(args, "no_calibration", False),
     )
     print(f"{len(results)} case(s) predicted into {args.output}", file=sys.stderr)
     return 0

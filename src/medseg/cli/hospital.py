@@ -105,6 +105,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pacs-url", help="DICOMweb server for POST /jobs/pacs")
     p.add_argument("--pacs-token-file")
     p.add_argument("--deidentify", action="store_true", help="de-identify every DICOM upload")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--rate-limit", type=float, metavar="PER_MINUTE", help="requests per minute and client"
+    )
+    p.add_argument(
+        "--job-rate-limit",
+        type=float,
+        default=60.0,
+        metavar="PER_MINUTE",
+        help="new jobs per minute and client (default 60; 0: no limit)",
+    )
+    p.add_argument("--request-log", metavar="FILE", help="one line per request (no patient data)")
+    p.add_argument("--keep-jobs", type=int, default=256, help="finished jobs kept with their files")
     p.set_defaults(handler=run_serve)
 
 
@@ -239,8 +253,10 @@ def run_serve(args: argparse.Namespace, settings: Settings, show_progress: bool)
     import uvicorn
 
     from medseg.serve import create_app
+    from medseg.serve.guard import tls_options
 
     token = _token(args.token_file)
+    tls = tls_options(args.tls_cert, args.tls_key)
     if token is None and not _is_loopback(args.host):
         raise MedsegError(
             f"--host {args.host}: binding beyond loopback needs --token-file (clients send it as "
@@ -259,7 +275,23 @@ def run_serve(args: argparse.Namespace, settings: Settings, show_progress: bool)
         pacs_token=_token(args.pacs_token_file),
         deidentify=args.deidentify,
         device=settings.device,
+        rate_limit_per_minute=args.rate_limit,
+        job_rate_limit_per_minute=args.job_rate_limit or None,
+        request_log=args.request_log,
+        keep_finished_jobs=args.keep_jobs,
     )
-    print(f"medseg service: http://{args.host}:{args.port}/ (viewer), /docs (API)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    scheme = "https" if tls else "http"
+    print(
+        f"medseg service: {scheme}://{args.host}:{args.port}/ (viewer), /docs (API)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_keep_alive=5,
+        access_log=False,  # uvicorn's would log query strings; medseg's request log does not
+        **tls,
+    )
     return 0

@@ -22,7 +22,9 @@ from medseg.cli import (
     zoo,
 )
 from medseg.cli.common import (
+    add_scale_options,
     add_train_options,
+    comma_list,
     parse_folds,
     print_json,
     resolve_folds,
@@ -71,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("dataset")
         p.add_argument("-w", "--work-dir")
+        if name == "preprocess":
+            p.add_argument(
+                "--coregister",
+                nargs="?",
+                const="rigid",
+                choices=("rigid", "affine", "header"),
+                help="first put every channel on channel 0's grid in WORK_DIR/coregistered "
+                "(rigid, the default, or affine registration; header: resampling only)",
+            )
         if name == "plan":
             p.add_argument(
                 "--gpu",
@@ -87,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("-w", "--work-dir")
     add_train_options(p)
+    add_scale_options(p, command="train")
 
     p = sub.add_parser(
         "predict", help="predict a file, folder or DICOM series with a trained model"
@@ -101,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fill-holes", action="store_true", help="fill enclosed holes of each class")
     p.add_argument("--overwrite", action="store_true")
+    add_scale_options(p, command="predict")
+    p.add_argument(
+        "--missing",
+        type=comma_list,
+        metavar="CHANNELS",
+        help="predict without these channels (names or numbers, e.g. T2); needs a model "
+        "trained with --modality-dropout",
+    )
 
     p = sub.add_parser("run", help="check, plan, preprocess, train, predict and evaluate")
     p.add_argument("dataset")
@@ -169,8 +189,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "preprocess":
         out = api.preprocess(
-            args.dataset, settings.work_dir, num_workers=settings.num_workers, show_progress=show
+            args.dataset,
+            settings.work_dir,
+            coregister=args.coregister,
+            num_workers=settings.num_workers,
+            show_progress=show,
         )
+        if args.coregister:
+            print(
+                f"channels co-registered into {settings.work_dir}/coregistered "
+                f"(train on it: medseg train {settings.work_dir}/coregistered -w {settings.work_dir})",
+                file=sys.stderr,
+            )
         print(out)
         return 0
     if args.command in ("train", "run"):
@@ -178,6 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             train_config(args), device=settings.device if args.device is None else args.device
         )
         config = with_default_budget(config, args)
+        if getattr(args, "threads", None):  # train --threads
+            config = replace(config, num_threads=args.threads)
         folds = resolve_folds(args.folds, config.num_folds)
         if args.command == "train":
             results = api.train(
@@ -189,6 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 resume=not args.no_resume,
                 num_workers=settings.num_workers,
                 show_progress=show,
+                nproc=args.nproc,
             )
             print_json(results)
         else:

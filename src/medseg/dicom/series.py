@@ -16,21 +16,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from medseg.errors import MedsegError
 from medseg.io.files import from_sitk
 from medseg.io.image import Image
 
-# Non-image objects that share a study with the images (our own SEG output among them).
-NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "KO", "PR", "RTPLAN", "REG", "DOC"})
-SPACING_TOLERANCE = 0.01  # relative deviation of one slice gap from the median
-
-
-class DicomSeriesError(MedsegError):
-    """A DICOM series that cannot be turned into one volume."""
+# One set of slice checks for both DICOM readers (this one and medseg.io.read_dicom_series);
+# NON_IMAGE_MODALITIES and SPACING_TOLERANCE stay importable from here.
+from medseg.io.sanity import (  # noqa: F401
+    NON_IMAGE_MODALITIES,
+    SPACING_TOLERANCE,
+    DicomSeriesError,
+    SliceHeader,
+    check_slice_geometry,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,57 +175,29 @@ def select_series(
 def _sorted_checked(
     source: str | os.PathLike, info: SeriesInfo
 ) -> list[tuple[Path, pydicom.Dataset]]:
-    """Slices sorted along the slice normal, after the geometry checks."""
+    """Slices sorted along the slice normal, after the geometry checks
+    (:func:`medseg.io.sanity.check_slice_geometry`)."""
     items = [(f, pydicom.dcmread(f, stop_before_pixels=True)) for f in info.files]
+    headers = []
     for file, ds in items:
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
             if key not in ds:
                 raise DicomSeriesError(f"{file}: no {key}: not a cross-sectional image slice")
-    first = items[0][1]
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
-    shape = (int(first.Rows), int(first.Columns))
-    for file, ds in items[1:]:
-        if not np.allclose(
-            np.asarray(ds.ImageOrientationPatient, dtype=float), orientation, atol=1e-4
-        ):
-            raise DicomSeriesError(f"{file}: slice orientation differs from the rest of the series")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DicomSeriesError(f"{file}: slice size differs from the rest of the series")
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = {f: np.asarray(ds.ImagePositionPatient, dtype=float) for f, ds in items}
-    items.sort(key=lambda item: float(positions[item[0]] @ normal))
-    if len(items) < 2:
-        return items
-    steps = np.diff([positions[f] for f, _ in items], axis=0)
-    along = steps @ normal
-    if np.any(np.abs(along) < 1e-3):
-        dup = items[int(np.argmin(np.abs(along))) + 1][0]
-        raise DicomSeriesError(
-            f"{dup}: two slices at the same position (duplicate or mixed series)"
-        )
-    tilt = np.linalg.norm(steps - along[:, None] * normal, axis=1) / np.abs(along)
-    tilt_tag = float(first.get("GantryDetectorTilt", 0) or 0)
-    if np.max(tilt) > 1e-3 or abs(tilt_tag) > 1e-3:
-        angle = max(np.degrees(np.arctan(np.max(tilt))), abs(tilt_tag))
-        raise DicomSeriesError(
-            f"{source}: gantry tilt of {angle:.1f} degrees (slices are sheared; resample the "
-            "series to an orthogonal grid first)"
-        )
-    median = float(np.median(along))
-    deviation = np.abs(along - median) / median
-    if np.max(deviation) > SPACING_TOLERANCE:
-        i = int(np.argmax(deviation))
-        ratio = along[i] / median
-        kind = (
-            f"missing slice(s) ({round(ratio) - 1} missing)"
-            if abs(ratio - round(ratio)) < SPACING_TOLERANCE and round(ratio) >= 2
-            else "inconsistent slice spacing"
-        )
-        raise DicomSeriesError(
-            f"{items[i + 1][0]}: {kind}: gap of {along[i]:.3f} mm after {items[i][0].name}, "
-            f"the series' median is {median:.3f} mm"
-        )
-    return items
+        try:
+            headers.append(
+                SliceHeader(
+                    file=file,
+                    position=tuple(float(v) for v in ds.ImagePositionPatient),
+                    orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
+                    rows=int(ds.Rows),
+                    columns=int(ds.Columns),
+                    tilt=float(ds.get("GantryDetectorTilt", 0) or 0),
+                )
+            )
+        except (TypeError, ValueError):
+            raise DicomSeriesError(f"{file}: invalid geometry tags") from None
+    by_file = dict(items)
+    return [(h.file, by_file[h.file]) for h in check_slice_geometry(source, headers)]
 
 
 def read_series(

@@ -26,6 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.evaluation.calibration_metrics import (
+    calibration_section_html,
+    folder_calibration,
+    probability_files,
+)
 from medseg.evaluation.groups import GroupsArg, read_groups, with_group_summaries
 from medseg.evaluation.metrics import (
     compute_metrics,
@@ -518,12 +523,27 @@ def evaluate_folders(
     report = EvaluationReport(labels=report.labels, cases=report.cases, summary=summary)
     if groups is not None:
         report = with_group_summaries(report, groups)
+    sections = []
+    probability_paths = probability_files(pred_dir)  # ``predict --probabilities``: ECE, diagram
+    if probability_paths:
+        arrays = {c: read_image(references[c]).array for c in case_ids if c in probability_paths}
+        calibration, pooled = folder_calibration(probability_paths, arrays)
+        report.summary["calibration"] = calibration
+        sections.append(("Calibration", calibration_section_html(calibration, pooled)))
 
     if output_dir is not None:
         output_dir = Path(output_dir)
         write_evaluation(report, output_dir, overwrite=overwrite)
         write_folder_report(
-            report, output_dir, predictions, references, images_dir, keep_255, curves_png, title
+            report,
+            output_dir,
+            predictions,
+            references,
+            images_dir,
+            keep_255,
+            curves_png,
+            title,
+            extra_sections=sections,
         )
     return report
 
@@ -538,8 +558,12 @@ def write_folder_report(
     curves_png: str | os.PathLike | None = None,
     title: str | None = None,
     image_files: Mapping[str, Path] | None = None,
+    extra_sections: Sequence[tuple[str, str]] | None = None,
 ) -> None:
-    """``report.html`` in ``output_dir``, with contour overlays of the worst cases."""
+    """``report.html`` in ``output_dir``, with contour overlays of the worst cases.
+
+    ``extra_sections``: ``(heading, html)`` pairs added at the end (e.g. calibration).
+    """
     if image_files is None:
         image_files = list_cases(Path(images_dir), "image") if images_dir is not None else {}
     shown_predictions, shown_references, shown_images = {}, {}, {}
@@ -561,6 +585,7 @@ def write_folder_report(
         references=shown_references,
         curves_png=str(curves_png) if curves_png else None,
         title=title or f"medseg evaluation: {Path(report.summary.get('prediction_dir', '')).name}",
+        extra_sections=extra_sections,
     )
 
 

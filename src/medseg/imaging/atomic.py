@@ -8,13 +8,38 @@ outputs are all written through :func:`atomic_path`.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medseg.errors import MedsegError
+
 TEMPORARY_PREFIX = ".tmp-"
+# Below this much free space, a failed write is put down to a full disk: ITK, torch and
+# safetensors report it in their own words (or, for ITK's NIfTI writer, not at all).
+LOW_SPACE_BYTES = 1 << 20
+
+
+class DiskFull(MedsegError):
+    """A write failed because the file system is full."""
+
+
+def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < LOW_SPACE_BYTES or stat.f_favail == 0
 
 
 def _default_mode() -> int:
@@ -43,16 +68,28 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=TEMPORARY_PREFIX, suffix=path.suffix if suffix is None else suffix, dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=TEMPORARY_PREFIX,
+            suffix=path.suffix if suffix is None else suffix,
+            dir=path.parent,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left on {path.parent} (writing {path.name})") from None
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files
         yield tmp
         os.replace(tmp, path)
+    except Exception as exc:
+        if not isinstance(exc, DiskFull) and _is_disk_full(exc, path.parent):
+            # one line for the user instead of ITK's, torch's or the OS's own words
+            raise DiskFull(f"no space left on {path.parent} (writing {path.name})") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

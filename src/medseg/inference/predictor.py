@@ -11,6 +11,7 @@ Networks run with PyTorch or, after ``medseg export``, with onnxruntime.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,17 @@ from medseg.errors import MedsegError
 from medseg.imaging.components import keep_largest_component
 from medseg.imaging.morphology import fill_holes
 from medseg.inference.postprocess import apply_postprocessing, read_postprocessing
+from medseg.inference.uncertainty import (
+    MCDropoutForward,
+    MemberAccumulator,
+    case_scores,
+    has_dropout,
+)
+from medseg.inference.uncertainty import entropy as entropy_of
 from medseg.io.image import Image
+from medseg.io.sanity import NAN_POLICIES, check_finite
 from medseg.model_folder import ModelFolder
-from medseg.models.sliding_window import sliding_window_labels, sliding_window_logits
+from medseg.models.sliding_window import flip_sets, sliding_window_labels, sliding_window_logits
 from medseg.preprocessing.preprocess import CaseGeometry, preprocess_image
 from medseg.runtime import choose_device, resolve_precision, usable_cores
 
@@ -44,6 +53,24 @@ class Prediction:
     mirror_axes: tuple[int, ...]
     seconds: float
     label_volumes_mm3: dict[str, float]
+    quality: dict[str, float] | None = None  # per-case uncertainty scores (predict --qc)
+
+
+@dataclass(frozen=True)
+class TrustResult:
+    """What :meth:`Predictor.infer_trust` produced for one case.
+
+    ``probabilities`` is ``(K, *S)`` float32 on the input grid (None unless asked);
+    ``scores`` are the per-case uncertainty scores; ``members`` how many predictions
+    (folds x mirrored copies x MC samples) were combined.
+    """
+
+    label: Image
+    entropy: Image
+    mutual_information: Image | None
+    probabilities: np.ndarray | None
+    scores: dict[str, float]
+    members: int
 
 
 def onnx_path(model_dir: str | os.PathLike, fold: int, backend: str) -> Path:
@@ -110,6 +137,12 @@ class Predictor:
         ``"auto"`` (default: see :func:`resolve_precision`), ``"fp32"`` or ``"bf16"``
         (PyTorch on CPU: bfloat16 autocast, fast on CPUs with AMX or AVX512-BF16; logits
         are still accumulated in float32). The choice is in ``self.precision``.
+    nan_policy
+        NaN or infinite input voxels: ``"refuse"`` (default, a one-line error naming the
+        file) or ``"zero"`` (set to 0, with a warning naming the file and the voxel count).
+    calibrated
+        Divide the logits by the temperature that ``medseg calibrate`` stored in the model
+        folder (``calibration.json``), if any; ``self.temperature`` holds it (None: none).
     """
 
     def __init__(
@@ -123,7 +156,12 @@ class Predictor:
         num_threads: int | None = None,
         tile_batch_size: int = 4,
         precision: str = "auto",
+        nan_policy: str = "refuse",
+        calibrated: bool = True,
     ) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise MedsegError(f"unknown NaN policy {nan_policy!r} (use one of refuse, zero)")
+        self.nan_policy = nan_policy
         if backend not in BACKENDS:
             raise MedsegError(f"unknown backend {backend!r} (use one of {', '.join(BACKENDS)})")
         self.device = choose_device(device) if backend == "torch" else torch.device("cpu")
@@ -151,6 +189,49 @@ class Predictor:
                 for f in self.folds
             ]
         self.postprocessing = read_postprocessing(self.model_dir)
+        self.calibration = self.folder.calibration
+        self.temperature: torch.Tensor | None = None
+        if calibrated and self.calibration is not None:
+            self.temperature = torch.tensor(self.calibration.temperature, dtype=torch.float32)
+        # Channels may be missing at prediction only if every fold trained with modality dropout.
+        self.modality_dropout = min(
+            float((self.folder.training_record(f) or {}).get("modality_dropout") or 0.0)
+            for f in self.folds
+        )
+
+    def missing_channels(self, missing: Sequence[str | int] = ()) -> tuple[int, ...]:
+        """Indices of the plan channels named in ``missing`` (names, any case, or numbers).
+
+        Raises
+        ------
+        MedsegError
+            One line naming the channel, when it is unknown, when every channel would be
+            missing, or when the model was not trained for missing channels (modality dropout).
+        """
+        names = [n.lower() for n in self.plan.channel_names]
+        indices = set()
+        for item in missing:
+            key = str(item).strip()
+            if key.lower() in names:
+                indices.add(names.index(key.lower()))
+            elif key.isdigit() and int(key) < len(names):
+                indices.add(int(key))
+            else:
+                raise MedsegError(
+                    f"missing channel {key!r} is not a channel of the model "
+                    f"({', '.join(self.plan.channel_names)})"
+                )
+        if not indices:
+            return ()
+        if len(indices) == len(names):
+            raise MedsegError("every channel of the model is missing: nothing to predict from")
+        if self.modality_dropout <= 0:
+            name = self.plan.channel_names[min(indices)]
+            raise MedsegError(
+                f"{self.model_dir}: channel {name!r} is missing and this model was not trained "
+                "for missing channels (train it with --modality-dropout)"
+            )
+        return tuple(sorted(indices))
 
     def logits(
         self, data: np.ndarray, *, mirror_axes: tuple[int, ...] = (), half: bool | None = None
@@ -162,7 +243,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(data))
         if half is None:
             half = self.plan.num_classes * data[0].size * 4 > HALF_PRECISION_BYTES
-        return sliding_window_logits(
+        logits = sliding_window_logits(
             self.models,
             x,
             patch_size=self.plan.patch_size,
@@ -173,6 +254,14 @@ class Predictor:
             cpu_bf16=self.cpu_bf16,
             buffer_dtype=torch.float16 if half else torch.float32,
         )
+        return self.scale(logits)
+
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """Divide ``(K, *S)`` logits in place by the stored temperature (no-op without one)."""
+        if self.temperature is not None:
+            t = self.temperature.to(logits.device, logits.dtype)
+            logits.div_(t.reshape(-1, *([1] * (logits.ndim - 1))))
+        return logits
 
     def probabilities(self, data: np.ndarray, *, mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
         """Softmax of the mean logits over folds for preprocessed ``(C, *S)`` data: ``(K, *S)``."""
@@ -187,14 +276,17 @@ class Predictor:
         fill: bool = False,
         postprocess: bool = True,
         uncertainty: bool = False,
+        source: str | os.PathLike | None = None,
+        missing: Sequence[str | int] = (),
     ) -> tuple[Image, Image | None]:
         """Label map (and entropy map when ``uncertainty``) in the geometry of the first channel.
 
         ``postprocess`` applies what :func:`medseg.api.select_postprocessing` recorded in
         the model folder (thresholds, components, holes); ``largest_component`` and
-        ``fill`` add those operations to every class.
+        ``fill`` add those operations to every class. ``source`` (the input file) is named
+        in the errors of :meth:`prepare`. ``missing``: see :meth:`prepare`.
         """
-        data, geometry = self.prepare(channels)
+        data, geometry = self.prepare(channels, source=source, missing=missing)
         return self.infer(
             data,
             geometry,
@@ -206,17 +298,42 @@ class Predictor:
             uncertainty=uncertainty,
         )
 
-    def prepare(self, channels: list[Image]) -> tuple[np.ndarray, CaseGeometry]:
-        """Check and preprocess one case's channels (crop, normalize, resample)."""
-        if len(channels) != self.plan.num_channels:
+    def prepare(
+        self,
+        channels: list[Image],
+        *,
+        source: str | os.PathLike | None = None,
+        missing: Sequence[str | int] = (),
+    ) -> tuple[np.ndarray, CaseGeometry]:
+        """Check and preprocess one case's channels (crop, normalize, resample).
+
+        The checks (channel count, 2D/3D, NaN/inf by ``nan_policy``) name ``source``, the
+        input file(s), when given. ``missing`` names the channels the case lacks (see
+        :meth:`missing_channels`); ``channels`` then holds the others, in the plan's order,
+        and each missing channel is zero after normalization, as in modality dropout.
+        """
+        where = f"{source}: " if source is not None else ""
+        absent = self.missing_channels(missing)
+        if len(channels) + len(absent) != self.plan.num_channels:
             raise MedsegError(
-                f"the model expects {self.plan.num_channels} channel(s), got {len(channels)}"
+                f"{where}the model expects {self.plan.num_channels} channel(s), got {len(channels)}"
+                + (f" and {len(absent)} missing" if absent else "")
             )
         if channels[0].ndim != self.plan.ndim:
             raise MedsegError(
-                f"the model expects {self.plan.ndim}D images, got {channels[0].ndim}D"
+                f"{where}the model expects {self.plan.ndim}D images, got {channels[0].ndim}D"
             )
-        return preprocess_image(channels, self.plan)
+        channels = check_finite(
+            channels, source=source if source is not None else "input", policy=self.nan_policy
+        )
+        if not absent:
+            return preprocess_image(channels, self.plan)
+        present = iter(channels)
+        blank = channels[0].with_array(np.zeros(channels[0].shape, dtype=np.float32))
+        full = [blank if c in absent else next(present) for c in range(self.plan.num_channels)]
+        data, geometry = preprocess_image(full, self.plan)
+        data[list(absent)] = 0.0
+        return data, geometry
 
     def infer(
         self,
@@ -234,7 +351,9 @@ class Predictor:
         pp = self.postprocessing if postprocess else None
         thresholds = pp.thresholds if pp is not None else {}
         entropy_small: np.ndarray | None = None
-        if tuple(data.shape[1:]) == geometry.cropped_shape and not thresholds:
+        # a stored temperature changes the entropy (and, per class, the argmax): not streamed
+        calibrated = self.temperature is not None and (uncertainty or self.temperature.numel() > 1)
+        if tuple(data.shape[1:]) == geometry.cropped_shape and not thresholds and not calibrated:
             # Same grid as the input: stream the argmax, never holding all class logits.
             label_cropped, entropy_small = sliding_window_labels(
                 self.models,
@@ -266,6 +385,108 @@ class Predictor:
             label = fill_holes(label)
         out = reference.with_array(label)
         return out, (reference.with_array(entropy) if entropy is not None else None)
+
+    def member_forwards(self, mc_samples: int = 0) -> list:
+        """The ensemble's networks as callables; with ``mc_samples``, their dropout stays on.
+
+        Raises
+        ------
+        MedsegError
+            One line naming the model folder, when MC dropout is asked of a network without
+            dropout (or of an exported ONNX model).
+        """
+        if mc_samples <= 0:
+            return list(self.models)
+        if self.backend != "torch":
+            raise MedsegError(f"{self.model_dir}: MC dropout needs the torch backend")
+        if not all(has_dropout(m) for m in self.models):
+            raise MedsegError(
+                f"{self.model_dir}: the network has no dropout layers, so MC dropout "
+                "cannot sample it (use folds or TTA for uncertainty)"
+            )
+        return [MCDropoutForward(m) for m in self.models]
+
+    def member_logits(
+        self, data: np.ndarray, *, mirror_axes: tuple[int, ...] = (), mc_samples: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """Temperature-scaled ``(K, *S)`` logits of each member, one at a time.
+
+        Members: every fold, times every mirrored copy of ``mirror_axes`` (identity
+        included), times ``mc_samples`` dropout samples (when > 0).
+        """
+        forwards = self.member_forwards(mc_samples)
+        x = torch.from_numpy(np.ascontiguousarray(data))
+        for forward in forwards:
+            for dims in flip_sets(mirror_axes, self.plan.ndim):
+                axes = [d - 1 for d in dims]  # (C, *S): spatial axis a is tensor dim a + 1
+                xi = torch.flip(x, axes) if axes else x
+                for _ in range(max(1, mc_samples)):
+                    logits = sliding_window_logits(
+                        forward,
+                        xi,
+                        patch_size=self.plan.patch_size,
+                        num_classes=self.plan.num_classes,
+                        tile_batch_size=self.tile_batch_size,
+                        device=self.device,
+                        cpu_bf16=self.cpu_bf16,
+                    )
+                    yield self.scale(torch.flip(logits, axes) if axes else logits)
+
+    def infer_trust(
+        self,
+        data: np.ndarray,
+        geometry: CaseGeometry,
+        reference: Image,
+        *,
+        mirror_axes: tuple[int, ...] = (),
+        mc_samples: int = 0,
+        probabilities: bool = False,
+        largest_component: bool = False,
+        fill: bool = False,
+        postprocess: bool = True,
+    ) -> TrustResult:
+        """:meth:`infer` with every member (fold x mirrored copy x MC sample) run on its own.
+
+        The label is the argmax of the members' mean (temperature-scaled) logits, as in
+        :meth:`infer`; the members also give the entropy, the mutual information and the
+        per-case scores of :func:`medseg.inference.uncertainty.case_scores` (network grid).
+        ``probabilities`` keeps the calibrated ``(K, *S)`` probabilities on the input grid.
+        """
+        accumulator = MemberAccumulator()
+        for logits in self.member_logits(data, mirror_axes=mirror_axes, mc_samples=mc_samples):
+            accumulator.add(logits)
+        del data
+        probs = torch.softmax(accumulator.mean_logits(), dim=0)
+        entropy_small = entropy_of(probs)
+        mi_small = accumulator.mutual_information() if accumulator.count > 1 else None
+        scores = case_scores(probs, entropy_small, mi_small)
+        pp = self.postprocessing if postprocess else None
+        thresholds = pp.thresholds if pp is not None else {}
+        full = None
+        if probabilities:
+            full = np.zeros((probs.shape[0], *geometry.shape), dtype=np.float32)
+            for c in range(probs.shape[0]):
+                full[c] = uncrop(resample_to(probs[c], geometry), geometry)
+            inside = np.zeros(geometry.shape, dtype=bool)
+            inside[tuple(slice(a, b) for a, b in geometry.bbox)] = True
+            full[0][~inside] = 1.0  # outside the crop is background
+        label = restore_geometry(probs, geometry, thresholds=thresholds)
+        if pp is not None:
+            label = apply_postprocessing(label, pp, spacing=reference.spacing)
+        if largest_component:
+            label = keep_largest_component(label)
+        if fill:
+            label = fill_holes(label)
+        entropy = uncrop(resample_to(entropy_small, geometry), geometry)
+        mi = uncrop(resample_to(mi_small, geometry), geometry) if mi_small is not None else None
+        return TrustResult(
+            label=reference.with_array(label),
+            entropy=reference.with_array(entropy),
+            mutual_information=reference.with_array(mi) if mi is not None else None,
+            probabilities=full,
+            scores=scores,
+            members=accumulator.count,
+        )
 
     def predict(
         self,

@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ ORIGIN_RTOL = 1e-3  # of |origin|, at least 1e-3 mm ...
 ORIGIN_MAX_VOXELS = 0.05  # ... but never more than this fraction of the smallest spacing
 
 ProgressCallback = Callable[[int, int], None]
+CHANNEL_GRID = "channel_grid"
+COREGISTER_HINT = "; `medseg preprocess --coregister` resamples it onto channel 0's grid"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Problem:
     severity: str  # "error" | "warning"
     path: str
     message: str
+    # What kind of problem, where a later step can act on it: CHANNEL_GRID (a channel not on
+    # channel 0's grid, which `medseg preprocess --coregister` resamples), else "".
+    kind: str = ""
 
     def __str__(self) -> str:
         return f"{self.severity.upper()} {self.path}: {self.message}"
@@ -348,7 +353,13 @@ def _check_case(
         result.image_path = ref_path
         result.num_channels = len(channels)
         for index, (path, channel) in enumerate(channels[1:], start=1):
-            problems.extend(_geometry_problems(ref, channel, path, f"channel {index}", ref_path))
+            found = _geometry_problems(ref, channel, path, f"channel {index}", ref_path)
+            if channel.ndim == ref.ndim:  # another grid of the same space: co-registration fixes it
+                found = [
+                    replace(p, message=p.message + COREGISTER_HINT, kind=CHANNEL_GRID)
+                    for p in found
+                ]
+            problems.extend(found)
         if not any_missing and spec.layout != "plain2d" and len(channels) != spec.num_channels:
             if spec.num_channels == 1 and _file_dimension(ref_path) == 4:
                 message = f"4D image ({len(channels)} volumes) where a {ref.ndim}D image is expected (1 channel declared)"
@@ -667,8 +678,11 @@ def check_dataset(
     return CheckReport(str(root), tuple(problems), len(spec.cases), len(spec.test_cases))
 
 
-def require_clean(dataset: str | os.PathLike) -> DatasetSpec:
+def require_clean(dataset: str | os.PathLike, *, allow_channel_grids: bool = False) -> DatasetSpec:
     """The dataset folder's spec, after :func:`check_dataset` found no error.
+
+    ``allow_channel_grids`` ignores channels that are not on channel 0's grid (for
+    co-registration, which resamples them).
 
     Raises
     ------
@@ -676,11 +690,12 @@ def require_clean(dataset: str | os.PathLike) -> DatasetSpec:
         Naming the first problem (and how many more there are).
     """
     report = check_dataset(dataset)
-    if not report.ok:
-        first = report.errors[0]
+    errors = [e for e in report.errors if not (allow_channel_grids and e.kind == CHANNEL_GRID)]
+    if errors:
+        first = errors[0]
         more = (
-            f" (and {len(report.errors) - 1} more; run `medseg check {dataset}`)"
-            if len(report.errors) > 1
+            f" (and {len(errors) - 1} more; run `medseg check {dataset}`)"
+            if len(errors) > 1
             else ""
         )
         raise MedsegError(f"{first.path}: {first.message}{more}")

@@ -14,6 +14,14 @@ import SimpleITK as sitk
 from medseg.errors import MedsegError
 from medseg.imaging.atomic import atomic_path
 from medseg.io.image import Image
+from medseg.io.sanity import (
+    NON_IMAGE_MODALITIES,
+    DicomSeriesError,
+    check_header,
+    check_slice_geometry,
+    gdcm_slice_header,
+    sub_byte_scale,
+)
 
 IMAGE_SUFFIXES = (
     ".nii.gz",
@@ -132,6 +140,7 @@ def nifti_truncation(path: str | os.PathLike) -> str | None:
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise MedsegError(f"{path}: file not found")
+    check_header(path)  # absurd sizes, zero/NaN spacing, singular directions, PNG encodings
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -145,6 +154,9 @@ def _read_sitk(path: Path) -> sitk.Image:
         problem = nifti_truncation(path)
         if problem:  # ITK zero-fills what is missing instead of failing
             raise MedsegError(f"{path}: cannot read image ({problem})")
+    scale = sub_byte_scale(path) if image_suffix(path) == ".png" else 1
+    if scale > 1:  # ITK stretched a 1/2/4-bit grey PNG to 0..255: back to the stored values
+        image = sitk.Cast(sitk.Divide(image, scale), image.GetPixelID())
     return image
 
 
@@ -199,23 +211,35 @@ def list_dicom_series(folder: str | os.PathLike) -> list[str]:
 def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = None) -> Image:
     """Read a DICOM series (sorted by slice position, compressed syntaxes via GDCM).
 
-    With several series in the folder, ``series_uid`` picks one; without it the
-    series with the most files is read.
+    With several series in the folder, ``series_uid`` picks one; without it the folder
+    must hold one image series (SEG, RTSTRUCT, SR... are ignored). The slices go through
+    the same geometry checks as :func:`medseg.dicom.read_series` (see
+    :func:`medseg.io.sanity.check_slice_geometry`): gaps, duplicates, mixed orientation and
+    gantry tilt are refused.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise MedsegError(f"{folder}: not a folder of DICOM files")
     series = list_dicom_series(folder)
     if not series:
-        raise MedsegError(f"{folder}: no DICOM series found")
+        raise DicomSeriesError(f"{folder}: no DICOM series found")
     if series_uid is not None and series_uid not in series:
-        raise MedsegError(f"{folder}: no series {series_uid} (found {', '.join(series)})")
-    file_lists = {
-        uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series
-    }
-    uid = series_uid or max(file_lists, key=lambda u: len(file_lists[u]))
+        raise DicomSeriesError(f"{folder}: no series {series_uid} (found {', '.join(series)})")
+    headers = {}
+    for candidate in [series_uid] if series_uid else series:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), candidate)
+        slices = [gdcm_slice_header(f) for f in files]
+        if series_uid or slices[0][1] not in NON_IMAGE_MODALITIES:
+            headers[candidate] = [h for h, _ in slices]
+    if len(headers) != 1:
+        found = ", ".join(series)
+        raise DicomSeriesError(
+            f"{folder}: {len(headers)} image series found ({found}); put each series in a "
+            "folder of its own"
+        )
+    uid, slices = next(iter(headers.items()))
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(file_lists[uid])
+    reader.SetFileNames([str(h.file) for h in check_slice_geometry(folder, slices)])
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -261,4 +285,8 @@ def write_image(
         image = image.with_array(array)
     with atomic_path(path, suffix=image_suffix(path) or path.suffix) as tmp:
         sitk.WriteImage(to_sitk(image), str(tmp), useCompression=compress)
+        # ITK's NIfTI writer reports a short write (a full disk) on stderr only
+        problem = nifti_truncation(tmp) if image_suffix(path) in (".nii", ".nii.gz") else None
+        if problem:
+            raise MedsegError(f"{path}: incomplete write ({problem})")
     return path

@@ -42,6 +42,7 @@ from medseg.pacs.client import connect, process_study
 from medseg.pacs.segment import label_volumes_ml, segment_dicom, segment_image
 from medseg.registration.fields import centring_transform, warp_image
 from medseg.registration.pipeline import register_files
+from medseg.serve.guard import RateLimiter, RequestLog, client_key
 from medseg.serve.jobs import JobPool, QueueFull
 
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
@@ -214,6 +215,10 @@ def create_app(
     deidentify: bool = False,
     model_name: str | None = None,
     device: str = "auto",
+    rate_limit_per_minute: float | None = None,
+    job_rate_limit_per_minute: float | None = 60.0,
+    request_log: str | os.PathLike | None = None,
+    keep_finished_jobs: int = 256,
 ):
     """Build the FastAPI application.
 
@@ -233,22 +238,47 @@ def create_app(
         The DICOMweb server that ``POST /jobs/pacs`` pulls from and pushes SEGs to.
     deidentify
         Apply the PS3.15 basic profile to DICOM inputs before anything is stored.
+    rate_limit_per_minute, job_rate_limit_per_minute
+        Per-client limits (see :class:`medseg.serve.guard.RateLimiter`) on all requests
+        (default: none) and on new jobs (``POST /jobs...``, default 60 a minute); beyond
+        them, HTTP 429 with ``Retry-After``.
+    request_log
+        A file that receives one line per request (logger ``medseg.serve.requests``):
+        client tag, method, route, status, time; never a body, file name or query.
+    keep_finished_jobs
+        Finished jobs kept (with their files); older ones are deleted.
     """
     if model_dir is None and predictor is None:
         raise MedsegError("the service needs a model folder")
     # A folder that is not a trained model folder fails here, not on the first job.
     folder = ModelFolder.open(model_dir).path if model_dir and predictor is None else None
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="medseg-serve-"))
-    pool = JobPool(root / "jobs", workers=workers, max_pending=max_pending, timeout_s=job_timeout_s)
+    pool = JobPool(
+        root / "jobs",
+        workers=workers,
+        max_pending=max_pending,
+        timeout_s=job_timeout_s,
+        keep_finished=keep_finished_jobs,
+    )
     model = _Model(folder, predictor, device)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     name = model_name or (Path(model_dir).name if model_dir else "medseg")
-    stats = {"requests": 0, "rejected_size": 0, "timeouts": 0, "started": time.time()}
+    stats = {
+        "requests": 0,
+        "rejected_size": 0,
+        "timeouts": 0,
+        "rate_limited": 0,
+        "started": time.time(),
+    }
+    requests_log = RequestLog(request_log)
+    limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute else None
+    job_limiter = RateLimiter(job_rate_limit_per_minute) if job_rate_limit_per_minute else None
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         pool.shutdown()
+        requests_log.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -273,6 +303,35 @@ def create_app(
         except asyncio.TimeoutError:
             stats["timeouts"] += 1
             return JSONResponse({"detail": "request timed out"}, status_code=504)
+
+    @app.middleware("http")  # added last, so it runs first: refused requests are logged too
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        client = client_key(request.client.host if request.client else None)
+        path = request.url.path
+        wait = 0.0
+        if path != "/health":
+            if limiter is not None:
+                wait = limiter.allow(client)
+            if not wait and job_limiter is not None and request.method == "POST":
+                wait = job_limiter.allow(client)
+        if wait:
+            stats["rate_limited"] += 1
+            response = JSONResponse(
+                {"detail": "too many requests from this client; slow down"},
+                status_code=429,
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+            )
+        else:
+            response = await call_next(request)
+        requests_log.log(
+            client=client,
+            method=request.method,
+            path=path,
+            status=response.status_code,
+            seconds=time.perf_counter() - started,
+        )
+        return response
 
     def check_token(request: Request) -> None:
         if token is None:
@@ -447,15 +506,15 @@ def create_app(
         """Prometheus text format: jobs by status, job durations, requests, rejections."""
         lines = ["# TYPE medseg_jobs gauge"]
         lines += [f'medseg_jobs{{status="{s}"}} {n}' for s, n in pool.counts().items()]
-        done = pool.durations
         lines += [
             "# TYPE medseg_job_seconds summary",
-            f"medseg_job_seconds_count {len(done)}",
-            f"medseg_job_seconds_sum {sum(done):.3f}",
+            f"medseg_job_seconds_count {pool.done_count}",
+            f"medseg_job_seconds_sum {pool.done_seconds:.3f}",
             "# TYPE medseg_requests_total counter",
             f"medseg_requests_total {stats['requests']}",
             f"medseg_rejected_oversize_total {stats['rejected_size']}",
             f"medseg_request_timeouts_total {stats['timeouts']}",
+            f"medseg_rate_limited_total {stats['rate_limited']}",
             f"medseg_uptime_seconds {time.time() - stats['started']:.1f}",
         ]
         return "\n".join(lines) + "\n"

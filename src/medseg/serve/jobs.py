@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,18 +57,29 @@ class JobPool:
 
     A job that runs longer than ``timeout_s`` is reported as ``timeout`` and its result is
     discarded when it finishes (a thread cannot be killed; the worker moves on after it).
+    Only the latest ``keep_finished`` finished jobs are kept (older ones and their folders
+    are deleted), so memory and disk stay bounded however long the service runs.
     """
 
     def __init__(
-        self, root: Path, *, workers: int = 1, max_pending: int = 16, timeout_s: float = 600
+        self,
+        root: Path,
+        *,
+        workers: int = 1,
+        max_pending: int = 16,
+        timeout_s: float = 600,
+        keep_finished: int = 256,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.workers, self.max_pending, self.timeout_s = workers, max_pending, timeout_s
+        self.keep_finished = max(1, int(keep_finished))
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-job")
         self._lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
-        self.durations: list[float] = []
+        self.durations: deque[float] = deque(maxlen=1000)  # the latest done jobs' seconds
+        self.done_count, self.done_seconds = 0, 0.0  # over the service's life
+        self._finished: deque[str] = deque()
 
     def new_job(self, kind: str, source: str) -> Job:
         """Reserve an id and a folder (before the upload is stored in it)."""
@@ -108,7 +121,16 @@ class JobPool:
         message = message.replace(f"{job.folder}/", "").replace(str(job.folder), "")
         job.status, job.message, job.finished = status, message, time.time()
         if status == "done":
-            self.durations.append(job.finished - (job.started or job.created))
+            seconds = job.finished - (job.started or job.created)
+            self.durations.append(seconds)
+            self.done_count += 1
+            self.done_seconds += seconds
+        with self._lock:
+            self._finished.append(job.id)
+            while len(self._finished) > self.keep_finished:
+                old = self.jobs.pop(self._finished.popleft(), None)
+                if old is not None:
+                    shutil.rmtree(old.folder, ignore_errors=True)
 
     def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)

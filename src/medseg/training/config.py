@@ -68,10 +68,19 @@ class TrainConfig:
     # stays frozen for the first `freeze_epochs` epochs, then everything trains.
     init_from: str | None = None
     freeze_epochs: int = 0
+    # Label-efficient training: train on a reproducible subset of the fold's training
+    # cases (a fraction, or a number of cases), drawn with `seed`; the choice is written
+    # to the fold folder (labelled_subset.json). None: every training case.
+    labelled_fraction: float | None = None
+    labelled_cases: int | None = None
     # A torchvision-format state dict for pretrained 2D encoders (resnet*_unet models).
     encoder_weights: str | None = None
     distill: DistillConfig | None = None
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    # Modality dropout (multi-channel data): each channel of each training sample is zeroed
+    # with this probability (never all of a sample's channels), so that the model can
+    # predict with channels missing (medseg.transforms.modality_dropout). 0: off.
+    modality_dropout: float = 0.0
     mirror_validation: bool = False
     amp: bool = True  # CUDA only
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...

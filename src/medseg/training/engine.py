@@ -21,7 +21,10 @@ objects called at fixed points of the loop:
 ``row``            extra columns of the epoch's log row
 ``on_epoch_end``   after the epoch's checkpoint: return a reason to stop (pruning, a
                    round boundary)
-``state_dict``     hook state saved in the resumable checkpoint (``load_state_dict`` back)
+``agree``          values every process of a data-parallel run must share (elapsed time,
+                   stop flags): one process returns them as they are
+``state_dict``     hook state saved in the resumable checkpoint (``load_state_dict`` back);
+                   called in every process, so a data-parallel hook may gather
 =================  =======================================================================
 
 Segmentation (:mod:`medseg.training.segmentation`), knowledge distillation (a hook from
@@ -212,6 +215,25 @@ class TrainingTask:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def shard(
+        self, *, rank: int, world: int, batch: slice, gather: Callable[[list[Any]], list[Any]]
+    ) -> bool:
+        """Take ``rank``'s share of a data-parallel run of ``world`` processes (after
+        :meth:`setup`).
+
+        A task that shards makes only the ``batch`` slice of the global batch that one
+        process would make from the same random stream, gives ranks other than 0 their own
+        augmentation stream, validates its share of the cases and combines per-case
+        results with ``gather`` (every rank's list, concatenated). The default does not
+        shard: every rank then trains on its own full batch and validates every case.
+
+        Returns
+        -------
+        bool
+            Whether the task sharded.
+        """
+        return False
+
 
 class Hook:
     """A plug-in at fixed points of the loop; every method is optional (see the module).
@@ -245,6 +267,11 @@ class Hook:
     def on_epoch_end(self, engine: Engine, row: dict[str, Any]) -> str | bool | None:
         """After the epoch's checkpoint; a reason (or True) stops training."""
         return None
+
+    def agree(self, engine: Engine, values: dict[str, float]) -> dict[str, float]:
+        """``values`` as every process must see them (data parallel: the maximum over the
+        ranks of the elapsed time and of each stop flag, so no rank stops alone)."""
+        return values
 
     def state_dict(self) -> dict[str, Any]:
         """Hook state saved in the resumable checkpoint."""
@@ -488,16 +515,27 @@ class Engine:
         if self.use_amp and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.task.load_state_dict(state.get("task") or {})
-        hook_states = state.get("hooks") or {}
-        for hook in self.hooks:
-            if hook.name in hook_states:
-                hook.load_state_dict(hook_states[hook.name])
         if state.get("torch_rng") is not None:  # (earlier registration checkpoints lack it)
             torch.set_rng_state(state["torch_rng"])
+        hook_states = state.get("hooks") or {}
+        for hook in self.hooks:  # after the task's and torch's state: a hook may refine them
+            if hook.name in hook_states:
+                hook.load_state_dict(hook_states[hook.name])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         return state
 
-    def _checkpoint_state(self, elapsed: float, best: dict[str, Any], rows: list) -> dict:
+    def _agree(self, values: dict[str, float]) -> dict[str, float]:
+        for hook in self.hooks:
+            values = hook.agree(self, values)
+        return values
+
+    def _checkpoint_state(
+        self,
+        elapsed: float,
+        best: dict[str, Any],
+        rows: list,
+        hook_states: dict[str, Any] | None = None,
+    ) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -510,7 +548,11 @@ class Engine:
             "log": rows,
             "torch_rng": torch.get_rng_state(),
             "task": self.task.state_dict(),
-            "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "hooks": (
+                hook_states
+                if hook_states is not None
+                else {h.name: h.state_dict() for h in self.hooks}
+            ),
         }
 
     # ------------------------------------------------------------------ one step
@@ -600,12 +642,22 @@ class Engine:
                     )
                     out_of_time = False
                     for _ in bar:
-                        if (
-                            budget is not None
-                            and elapsed() + last_step + validation_seconds * 1.2 > budget
-                        ):
+                        # one decision for every rank of a data-parallel run (hooks agree)
+                        shared = self._agree(
+                            {
+                                "elapsed": elapsed(),
+                                "out_of_time": float(
+                                    budget is not None
+                                    and elapsed() + last_step + validation_seconds * 1.2 > budget
+                                ),
+                                "stop": float(self._stop.is_set()),
+                            }
+                        )
+                        if shared["out_of_time"]:
                             out_of_time = True
                             break
+                        if shared["stop"] and not self._stop.is_set():
+                            self.request_stop()  # another rank was told to stop
                         if self._stop.is_set() or at_step_limit():
                             break
                         t0 = time.perf_counter()
@@ -613,8 +665,8 @@ class Engine:
                         t1 = time.perf_counter()
                         batch = task.to_device(batch, self.device)
                         fraction = self.iteration / total_iterations
-                        if budget is not None:
-                            fraction = max(fraction, elapsed() / budget)
+                        if budget is not None:  # the agreed time: every rank the same rate
+                            fraction = max(fraction, shared["elapsed"] / budget)
                         for group in self.optimizer.param_groups:
                             group["lr"] = learning_rate(cfg, fraction)
                         losses.append(self._step(batch))
@@ -677,6 +729,7 @@ class Engine:
                             )
                     else:
                         best["epochs_since_best"] += 1
+                    hook_states = {h.name: h.state_dict() for h in self.hooks}  # every rank
                     if self.main_process:
                         # weights_last follows the checkpoint, so `--checkpoint last` after
                         # a kill predicts with the weights a resume would continue from
@@ -688,19 +741,30 @@ class Engine:
                         )
                         save_checkpoint(
                             self.folder / CHECKPOINT_LAST,
-                            self._checkpoint_state(elapsed(), best, log.rows),
+                            self._checkpoint_state(elapsed(), best, log.rows, hook_states),
                         )
 
                     if out_of_time:
                         stopped_because = "time_budget"
                         break
+                    shared = self._agree(
+                        {
+                            "stop": float(self._stop.is_set()),
+                            "out_of_time": float(
+                                budget is not None
+                                and elapsed() + validation_seconds + last_step * 2 > budget
+                            ),
+                        }
+                    )
+                    if shared["stop"] and not self._stop.is_set():
+                        self.request_stop()
                     if self._stop.is_set():
                         stopped_because = self._stop_reason
                         break
                     reasons = [hook.on_epoch_end(self, row) for hook in self.hooks]
                     reason = next((r for r in reasons if r), None)
-                    if reason:
-                        stopped_because = reason if isinstance(reason, str) else "hook"
+                    if self._agree({"hook": float(bool(reason))})["hook"]:
+                        stopped_because = (reason if isinstance(reason, str) else "hook") or "hook"
                         break
                     if at_step_limit():
                         stopped_because = "max_steps"
@@ -711,10 +775,7 @@ class Engine:
                     ):
                         stopped_because = "early_stopping"
                         break
-                    if (
-                        budget is not None
-                        and elapsed() + validation_seconds + last_step * 2 > budget
-                    ):
+                    if shared["out_of_time"]:
                         stopped_because = "time_budget"
                         break
         finally:

@@ -1,13 +1,14 @@
 """Fine-tuning from another medseg model, and checks that a training configuration can run.
 
-Weights are matched by parameter name and shape: layers whose shape changed (the
-output heads, when the new dataset has other classes; the first convolution, when it
-has other channels) keep their fresh initialization.
+Weights are matched by parameter name and shape: output heads whose shape changed (the
+new dataset has other classes) keep their fresh initialization; any other layer whose
+shape differs is refused with a one-line error naming it and both shapes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -68,17 +69,61 @@ def load_matching_weights(model: torch.nn.Module, source: str | os.PathLike) -> 
 
     ``source`` is found with :func:`find_init_weights`; a ``.pt`` file is read with
     ``weights_only=True`` (see :func:`medseg.model_folder.read_state_dict_file`).
-    Returns ``{"loaded": [...], "skipped": [...]}`` (skipped: new or reshaped tensors,
-    which keep their initialization).
+
+    Returns
+    -------
+    dict
+        ``loaded`` (copied bit-exactly), ``new`` (tensors of ``model`` that keep their
+        initialization: absent from ``source``, or output heads of another shape),
+        ``unused`` (tensors of ``source`` the network has no place for, e.g. a pretraining
+        head), ``skipped`` (the same as ``new``, the older name) and ``summary`` (one line).
+
+    Raises
+    ------
+    MedsegError
+        One line naming the first layer whose shape differs (outside the output heads),
+        with both shapes, or saying that no layer matches.
     """
     path, kind = find_init_weights(source)
     state = read_state_dict_file(path) if kind is None else read_weights(path, kind)[0]
     own = model.state_dict()
+    for k, t in own.items():  # in network order: the first reshaped layer outside the heads
+        if k in state and state[k].shape != t.shape and not k.startswith(HEAD_PREFIXES):
+            raise MedsegError(
+                f"{path}: layer {k} has shape {tuple(state[k].shape)} there but "
+                f"{tuple(t.shape)} in the new network (trained with another plan?)"
+            )
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not loaded:
         raise MedsegError(f"{path}: no layer matches the new network (another architecture?)")
     model.load_state_dict(loaded, strict=False)
-    return {"loaded": sorted(loaded), "skipped": sorted(set(own) - set(loaded))}
+    new = sorted(set(own) - set(loaded))
+    unused = sorted(set(state) - set(loaded))
+    return {
+        "source": str(path),
+        "loaded": sorted(loaded),
+        "new": new,
+        "unused": unused,
+        "skipped": new,
+        "summary": transfer_summary(loaded, new, unused),
+    }
+
+
+def transfer_summary(loaded: Iterable[str], new: Iterable[str], unused: Iterable[str]) -> str:
+    """One line: how many tensors were loaded, new and unused, by top-level module."""
+
+    def groups(names: Iterable[str]) -> str:
+        counts: dict[str, int] = {}
+        for name in names:
+            top = name.split(".", 1)[0]
+            counts[top] = counts.get(top, 0) + 1
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+    loaded, new, unused = list(loaded), list(new), list(unused)
+    return (
+        f"loaded {len(loaded)} tensors ({groups(loaded)}); new {len(new)} ({groups(new)}); "
+        f"unused {len(unused)} ({groups(unused)})"
+    )
 
 
 def set_frozen(model: torch.nn.Module, names: set[str], frozen: bool) -> int:
@@ -127,6 +172,12 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
         )
     if config.init_from is not None:
         find_init_weights(config.init_from)
+    if config.labelled_fraction is not None and config.labelled_cases is not None:
+        raise MedsegError("give labelled_fraction or labelled_cases, not both")
+    if config.labelled_fraction is not None and not 0 < config.labelled_fraction <= 1:
+        raise MedsegError(f"labelled_fraction must lie in (0, 1] (got {config.labelled_fraction})")
+    if config.labelled_cases is not None and config.labelled_cases < 1:
+        raise MedsegError(f"labelled_cases must be >= 1 (got {config.labelled_cases})")
     if config.freeze_epochs < 0:
         raise MedsegError(f"freeze_epochs must be >= 0 (got {config.freeze_epochs})")
     if config.encoder_weights is not None and not Path(config.encoder_weights).is_file():

@@ -4,6 +4,7 @@ validation Dice of whole cases (see :class:`medseg.training.engine.Engine`)."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,12 @@ from medseg.preprocessing.preprocess import LoadedCase, load_preprocessed
 from medseg.runtime import memory_format
 from medseg.serialization import to_jsonable, write_json_atomic
 from medseg.training.config import TrainConfig
+from medseg.training.distributed import rank_seed
 from medseg.training.engine import LoopConfig, TrainingTask, Validation
 from medseg.training.finetune import frozen_names, load_matching_weights, set_frozen
 from medseg.training.sampling import PatchSampler, region_size
 from medseg.transforms.augment import BatchAugmenter
+from medseg.transforms.modality_dropout import ModalityDropout
 
 
 def fold_seed(config: TrainConfig) -> int:
@@ -124,6 +127,9 @@ class SegmentationTask(TrainingTask):
         names = dict(plan.labels)
         self.class_names = {c: names.get(c, str(c)) for c in range(1, plan.num_classes)}
         self.freeze: set[str] = set()
+        self.modality_dropout: ModalityDropout | None = None
+        self.share = slice(None)  # the slice of each batch this process makes (data parallel)
+        self.gather: Any = None  # combines per-case validation scores across ranks
 
     @property
     def network_name(self) -> str:
@@ -147,6 +153,7 @@ class SegmentationTask(TrainingTask):
         if config.init_from:  # a resumed run overwrites these weights from its checkpoint
             transfer = load_matching_weights(model, config.init_from)
             write_json_atomic(transfer, os.path.join(self.fold_dir, "init_from.json"))
+            print(f"medseg: init-from {transfer['source']}: {transfer['summary']}", file=sys.stderr)
             if config.freeze_epochs:
                 self.freeze = frozen_names(transfer["loaded"], model)
         model = model.to(memory_format=self.fmt)
@@ -176,11 +183,20 @@ class SegmentationTask(TrainingTask):
             class_frequencies=frequencies,
         )
         self.augmenter = BatchAugmenter(aug, patch_size=plan.patch_size, seed=self.seed)
+        # Its own generator (seed + 1): runs without modality dropout keep their streams.
+        self.modality_dropout = (
+            ModalityDropout(config.modality_dropout, plan.num_channels, seed=self.seed + 1)
+            if config.modality_dropout > 0
+            else None
+        )
         return model
 
     def make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.sampler.sample()
+        images, labels = images[self.share], labels[self.share]  # all of it in one process
         x, y = self.augmenter(torch.from_numpy(images), torch.from_numpy(labels))
+        if self.modality_dropout is not None:
+            x = self.modality_dropout(x)
         return x.contiguous(memory_format=self.fmt), y
 
     def forward_loss(
@@ -194,14 +210,30 @@ class SegmentationTask(TrainingTask):
         if self.freeze:  # fine-tuning: transferred layers wait for the new head
             set_frozen(model, self.freeze, frozen=epoch < self.config.freeze_epochs)
 
+    def shard(self, *, rank: int, world: int, batch: slice, gather: Any) -> bool:
+        # the sampler still draws the global batch (one stream), make_batch keeps `batch`
+        self.share, self.gather = batch, gather
+        self.augmenter.generator.manual_seed(rank_seed(self.seed, rank))
+        self.val_cases = self.val_cases[rank::world]
+        return True
+
     def validate(self, model: nn.Module) -> Validation:
-        per_class = (
-            validate(
-                model, self.val_cases, self.plan, self.device, mirror=self.config.mirror_validation
+        mirror = self.config.mirror_validation
+        if self.gather is not None:  # data parallel: this rank's cases, then everyone's
+            mine = [
+                validate(model, [c], self.plan, self.device, mirror=mirror) for c in self.val_cases
+            ]
+            scores = self.gather([s.tolist() for s in mine])
+            with np.errstate(all="ignore"):
+                per_class = (
+                    np.nanmean(np.array(scores, dtype=float), axis=0) if scores else np.array([])
+                )
+        else:
+            per_class = (
+                validate(model, self.val_cases, self.plan, self.device, mirror=mirror)
+                if self.val_cases
+                else np.array([])
             )
-            if self.val_cases
-            else np.array([])
-        )
         with np.errstate(all="ignore"):
             mean = float(np.nanmean(per_class)) if per_class.size else float("nan")
         by_name = {self.class_names[c]: float(v) for c, v in enumerate(per_class, 1)}
@@ -215,12 +247,17 @@ class SegmentationTask(TrainingTask):
         return {"network": self.network_name, "epoch": epoch, "val_dice": score}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "sampler_rng": self.sampler.rng.bit_generator.state,
             "augment_rng": self.augmenter.generator.get_state(),
             "plan": to_jsonable(self.plan),
         }
+        if self.modality_dropout is not None:
+            state["modality_dropout_rng"] = self.modality_dropout.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.rng.bit_generator.state = state["sampler_rng"]
         self.augmenter.generator.set_state(state["augment_rng"])
+        if self.modality_dropout is not None and "modality_dropout_rng" in state:
+            self.modality_dropout.generator.set_state(state["modality_dropout_rng"])

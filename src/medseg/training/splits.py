@@ -1,8 +1,9 @@
-"""Seeded k-fold splits, written to and read from a splits JSON."""
+"""Seeded k-fold splits, written to and read from a splits JSON, and labelled subsets."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -50,3 +51,46 @@ def read_splits(path: str | os.PathLike) -> list[dict[str, list[str]]]:
 
 def write_splits(folds: list[dict[str, list[str]]], path: str | os.PathLike) -> Path:
     return write_json_atomic(folds, path)
+
+
+def labelled_subset(
+    train_ids: list[str],
+    *,
+    fraction: float | None = None,
+    cases: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """A reproducible subset of a fold's training cases (label-efficient training).
+
+    Parameters
+    ----------
+    train_ids
+        The fold's training cases (their order does not matter).
+    fraction
+        Share of the cases to keep, rounded half up (0.1 of 166 cases: 17).
+    cases
+        Number of cases to keep instead (at most all of them).
+    seed
+        The draw: the sorted ids are permuted with ``numpy.random.default_rng(seed)``
+        and the first ones kept, so a smaller subset of one seed lies inside a larger one.
+
+    Returns
+    -------
+    list of str
+        Sorted case ids; all of ``train_ids`` when neither ``fraction`` nor ``cases`` is given.
+    """
+    ids = sorted(train_ids)
+    if fraction is not None and cases is not None:
+        raise MedsegError("give a labelled fraction or a number of labelled cases, not both")
+    if fraction is None and cases is None:
+        return ids
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise MedsegError(f"labelled fraction must lie in (0, 1] (got {fraction})")
+        n = max(1, math.floor(fraction * len(ids) + 0.5))
+    else:
+        if cases is None or not 1 <= cases <= len(ids):
+            raise MedsegError(f"labelled cases must lie in 1..{len(ids)} (got {cases})")
+        n = cases
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[:n])

@@ -134,5 +134,6 @@ def train_fold(
         data_prep_seconds_per_batch=round(loop.data_prep_seconds_per_batch, 4),
         stopped_because=loop.stopped_because,
     )
-    write_json_atomic(result, fold_dir / "train_result.json")
+    if engine.main_process:  # rank 0 of a data-parallel run writes; the others only return
+        write_json_atomic(result, fold_dir / "train_result.json")
     return result
