@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED  # noqa: E402
 
 SOURCE = SHARED / "Task04_Hippocampus"
-DEFAULT_OUT = Path("/work/session/scratch/22/Hippocampus_T1_T2syn")
+DEFAULT_OUT = Path(__file__).resolve().parent / "work" / "Hippocampus_T1_T2syn"
 T2_SPACING = (1.25, 1.25, 1.5)
 MAX_ROTATION_DEG = 3.0
 MAX_TRANSLATION_MM = 2.0

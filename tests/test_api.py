@@ -17,6 +17,7 @@ from medseg.io.phantoms import write_phantom_dataset
 # What a positional parameter may be: a path, or the object the step works on.
 POSITIONAL = {
     "dataset",
+    "images",
     "work_dir",
     "model_dir",
     "model_dirs",

@@ -618,6 +618,7 @@ def calibrate(
     mirror: bool = False,
     mc_samples: int = 0,
     max_cases: int | None = None,
+    fit_region: str = "crop",
     target_recall: float = 0.8,
     failure_quantile: float = 0.1,
     device: str = "auto",
@@ -628,7 +629,8 @@ def calibrate(
     review threshold on the model's cross-validation predictions only (each fold predicts
     its own validation cases); store them in ``calibration.json`` in the model folder, which
     :func:`predict` then applies. ``mirror`` (TTA) and ``mc_samples`` should match how you
-    predict. See :func:`medseg.calibration.calibrate_model`."""
+    predict. ``fit_region`` "bbox" fits only inside each case's reference-foreground
+    bounding box. See :func:`medseg.calibration.calibrate_model`."""
     folder = ModelFolder.open(model_dir)
     return calibrate_model(
         folder.path,
@@ -637,6 +639,7 @@ def calibrate(
         mirror_axes=tuple(range(folder.plan.ndim)) if mirror else (),
         mc_samples=mc_samples,
         max_cases=max_cases,
+        fit_region=fit_region,
         target_recall=target_recall,
         failure_quantile=failure_quantile,
         device=device,
@@ -647,7 +650,7 @@ def calibrate(
 
 def explain(
     model_dir: str | os.PathLike,
-    image: str | os.PathLike | list[str | os.PathLike],
+    input_path: str | os.PathLike | list[str | os.PathLike],
     output_dir: str | os.PathLike,
     *,
     method: str = "occlusion",
@@ -659,14 +662,15 @@ def explain(
     steps: int = 32,
     device: str = "auto",
 ) -> dict:
-    """Attribution map of one class (a name or label value) of an image: ``method``
+    """Attribution map of one class (a name or label value) of an image ``input_path`` (or
+    its channel files): ``method``
     "occlusion", "gradcam" or "integrated_gradients" (captum), inside ``region`` (a mask
     file on the image's grid; default: the predicted segmentation of the class). Writes the
     NIfTI map, a PNG overlay, a JSON record and ``report.html`` into ``output_dir``; returns
     the record. See :func:`medseg.explain.explain_files`."""
     return explain_files(
         model_dir,
-        image,
+        input_path,
         output_dir,
         method=method,
         class_value=class_value,
@@ -688,7 +692,13 @@ def federated_certs(
 ) -> dict:
     """A federation's CA, SuperLink certificate (for ``hosts``) and one key pair per site.
     See :mod:`medseg.federated.certs`."""
-    return vars(make_certificates(output_dir, sites=sites, hosts=hosts, overwrite=overwrite))
+    certs = make_certificates(output_dir, sites=sites, hosts=hosts, overwrite=overwrite)
+    return {
+        "ca_certificate": str(certs.ca_certificate),
+        "server_certificate": str(certs.server_certificate),
+        "server_key": str(certs.server_key),
+        "node_keys": {site: str(path) for site, path in certs.node_keys.items()},
+    }
 
 
 def federated_server(
@@ -774,6 +784,7 @@ def extend(
     config: TrainConfig | None = None,
     split_file: str | os.PathLike | None = None,
     weight: float | None = None,
+    head_init: str = "copy",
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> ExtendResult:
@@ -782,7 +793,8 @@ def extend(
 
     ``method`` is naive, lwf, mib, plop, rehearsal or ewc; ``exemplars`` (K) bounds the
     old cases kept, chosen from ``old_dataset`` (which also measures forgetting) or
-    inherited from ``model_dir``.
+    inherited from ``model_dir``; ``head_init`` "mib" starts new classes as copies of the
+    background classifier (MiB) instead of a fresh initialization.
     """
     return extend_model(
         model_dir,
@@ -795,6 +807,7 @@ def extend(
         config=config,
         split_file=split_file,
         weight=weight,
+        head_init=head_init,
         num_workers=num_workers,
         show_progress=show_progress,
     )

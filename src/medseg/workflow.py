@@ -139,6 +139,8 @@ def train_folds(
     config = config or TrainConfig()
     env = rank_env() if data_parallel else None
     if env is not None:
+        if config.freeze_epochs or config.distill is not None:  # parameters outside DDP
+            raise MedsegError("--freeze-epochs and distillation run in one process (no --nproc)")
         join_process_group(env, device=config.device)
         threads, note = threads_per_rank(env, config.num_threads)
         config = replace(config, num_threads=threads, device=rank_device(env, config.device))
@@ -337,6 +339,8 @@ def predict(
     is False; ``probabilities`` "nifti"/"npz" writes calibrated class probabilities,
     ``mc_samples`` adds MC-dropout members, ``qc`` writes ``qc.csv`` (per-case uncertainty
     score and review flag), see :func:`medseg.inference.batch.predict_batch`.
+    ``missing`` names channels to predict without (cases may also lack ``_XXXX`` channel
+    files); it needs a model trained with modality dropout (docs/multimodal.md).
     """
     folder = ModelFolder.open(model_dir)
     if mirror_axes is None:

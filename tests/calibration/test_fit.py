@@ -21,7 +21,7 @@ from medseg.planning.plan import read_plan
 def two_fold_model(tmp_path_factory):
     """Two folds of a tiny random U-Net over 6 phantoms, without training (seconds)."""
     root = tmp_path_factory.mktemp("calibrate")
-    data = write_phantom_dataset(root / "data", num_train=6, num_test=0, shape=(20, 20, 12))
+    data = write_phantom_dataset(root / "data", num_train=6, num_test=0, shape=(16, 16, 12))
     model = make_model_dir(root / "work")
     spec = load_dataset(data)
     (model / "dataset.json").write_text(json.dumps(spec.to_json()))
@@ -47,6 +47,8 @@ def test_calibrate_fits_on_validation_folds_and_predict_applies_it(two_fold_mode
     assert (two_fold_model / "calibration_report.html").read_text().count("<img") == 3
     with pytest.raises(MedsegError, match="already exists"):
         api.calibrate(two_fold_model, show_progress=False)
+    with pytest.raises(MedsegError, match="unknown fit region"):
+        api.calibrate(two_fold_model, fit_region="lungs", overwrite=True, show_progress=False)
     # the CLI: predict --qc with the stored threshold lists every case
     images = sorted((two_fold_model.parents[1] / "data" / "imagesTr").glob("*.nii.gz"))[:2]
     inputs = tmp_path / "in"

@@ -53,7 +53,9 @@ def test_over_confident_predictor_matches_the_hand_computed_ece():
     rel.add(probs, labels)
     rows = [r for r in rel.curve() if r["count"]]
     assert [r["count"] for r in rows] == [600, 400]
-    assert rows[1]["accuracy"] == pytest.approx(0.75) and rows[1]["confidence"] == pytest.approx(0.95)
+    assert rows[1]["accuracy"] == pytest.approx(0.75) and rows[1]["confidence"] == pytest.approx(
+        0.95
+    )
 
 
 def test_bbox_mask_and_folder_calibration(tmp_path):
@@ -72,3 +74,22 @@ def test_bbox_mask_and_folder_calibration(tmp_path):
     # outside: confidence 0.9, all right (gap 0.1); whole = (36 * 0.2 + 564 * 0.1) / 600
     assert summary["ece_whole"] == pytest.approx((36 * 0.2 + 564 * 0.1) / 600, abs=1e-3)
     assert summary["bins"] == 15 and pooled["bbox"].total == 36
+
+
+def test_evaluate_folders_reports_ece_and_a_reliability_diagram(tmp_path):
+    from medseg.evaluation import evaluate_folders
+    from medseg.io import write_image
+
+    ref = np.zeros((10, 10, 6), dtype=np.uint8)
+    ref[2:5, 3:7, 1:4] = 1
+    probs = np.zeros((2, *ref.shape), dtype=np.float32)
+    probs[1] = np.where(ref == 1, 0.8, 0.1)
+    probs[0] = 1 - probs[1]
+    image = Image(ref, (1.0, 1.0, 1.0))
+    write_image(image, tmp_path / "refs" / "a.nii.gz")
+    write_image(image, tmp_path / "pred" / "a.nii.gz")
+    write_probabilities(probs, image, tmp_path / "pred" / "a_probabilities.npz")
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "refs", output_dir=tmp_path / "ev")
+    assert report.summary["calibration"]["ece_bbox"] == pytest.approx(0.2, abs=1e-3)
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "Calibration" in html and "reliability diagram" in html

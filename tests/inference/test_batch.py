@@ -4,14 +4,13 @@ when it was trained with modality dropout, a one-line refusal naming the channel
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.multimodal import make_two_channel_model_dir, t1_image
 
+from medseg.cli.main import main
 from medseg.errors import MedsegError
 from medseg.inference import Predictor, predict_batch
 from medseg.inference.batch import channel_number, select_channels
@@ -87,7 +86,7 @@ def test_select_channels_of_files(tmp_path):
     assert absent == (0,) and np.array_equal(channels[0].array, case_channels()[1].array)
 
 
-def test_a_model_without_modality_dropout_refuses_a_missing_channel(tmp_path):
+def test_a_model_without_modality_dropout_refuses_a_missing_channel(tmp_path, capsys):
     model_dir = make_two_channel_model_dir(tmp_path, network="unet", modality_dropout=0.0)
     predictor = Predictor(model_dir, device="cpu", num_threads=1)
     with pytest.raises(MedsegError, match="channel 'T2' is missing .* not trained"):
@@ -99,13 +98,12 @@ def test_a_model_without_modality_dropout_refuses_a_missing_channel(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any work
     full = tmp_path / "full"
     write_case(full, "case", [0, 1])
-    proc = subprocess.run(
-        [sys.executable, "-m", "medseg.cli.main", "--quiet", "--device", "cpu", "predict",
-         str(model_dir), str(full), "-o", str(tmp_path / "cli"), "--missing", "T2"],
-        capture_output=True, text=True, timeout=300,
+    code = main(
+        ["--quiet", "--device", "cpu", "predict", str(model_dir), str(full),
+         "-o", str(tmp_path / "cli"), "--missing", "T2"]
     )  # fmt: skip
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
     assert "channel 'T2' is missing" in lines[0] and "--modality-dropout" in lines[0]
     # all channels present: it predicts as before
     assert len(predict_batch(predictor, full, tmp_path / "ok", show_progress=False)) == 1

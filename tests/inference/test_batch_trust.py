@@ -44,7 +44,7 @@ def test_qc_csv_lists_every_case_and_probabilities_are_written(tmp_path):
     predictor = Predictor(model, device="cpu")
     predict_batch(predictor, cases, out, mirror_axes=(0,), probabilities="nifti", qc=True,
                   uncertainty=True, show_progress=False)  # fmt: skip
-    rows = list(csv.DictReader(open(out / "qc.csv")))
+    rows = list(csv.DictReader((out / "qc.csv").read_text().splitlines()))
     assert [r["case_id"] for r in rows] == ["case_00", "case_01", "case_02"]
     assert all(r["review"] == "yes" and r["score_name"] == "entropy_ratio" for r in rows)
     probs = read_probabilities(out / "case_00_probabilities.nii.gz")
@@ -57,7 +57,7 @@ def test_qc_csv_lists_every_case_and_probabilities_are_written(tmp_path):
     more = write_cases(tmp_path / "in2", 4)
     predict_batch(predictor, more, out, show_progress=False)
     predict_batch(predictor, more, out, qc=True, show_progress=False)
-    rows = {r["case_id"]: r for r in csv.DictReader(open(out / "qc.csv"))}
+    rows = {r["case_id"]: r for r in csv.DictReader((out / "qc.csv").read_text().splitlines())}
     assert len(rows) == 4 and rows["case_03"]["review"] == "unknown"
 
 

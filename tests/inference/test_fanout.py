@@ -37,7 +37,7 @@ def test_ray_and_local_write_the_labels_of_one_process(tmp_path):
         show_progress=False,
     )  # fmt: skip
     assert not local.failures and not ray.failures
-    assert len(local.workers) == 2 and len(ray.workers) == 2  # every worker took cases
+    assert len(ray.workers) == 2  # cases go to every actor (a local pool picks freely)
     reference = labels(tmp_path / "one")
     assert len(reference) == 3
     for got in (labels(tmp_path / "local"), labels(tmp_path / "ray")):
@@ -64,7 +64,7 @@ def test_a_failed_case_is_reported_and_the_batch_goes_on(tmp_path):
 
 def test_a_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     model = make_model_dir(tmp_path)
-    cases = write_cases(tmp_path / "in", 8, shape=(72, 72, 64))  # a few seconds in all
+    cases = write_cases(tmp_path / "in", 6, shape=(40, 40, 32))
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "medseg.cli.main", "--quiet", "--device", "cpu", "predict",
@@ -73,7 +73,7 @@ def test_a_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while len(list(out.glob("case_*.nii.gz"))) < 2 and time.monotonic() < deadline:
+        while not list(out.glob("case_*.nii.gz")) and time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -83,13 +83,13 @@ def test_a_killed_run_resumes_without_redoing_finished_cases(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("case_*.nii.gz")}
-    assert 2 <= len(finished) < 8
+    assert 1 <= len(finished) < 6
     result = predict_fanout(
         model, cases, out, engine="local", workers=2, device="cpu", show_progress=False
     )
     assert result.skipped == len(finished)
-    assert len(result.predictions) == 8 - len(finished)
+    assert len(result.predictions) == 6 - len(finished)
     assert {p.case_id + ".nii.gz" for p in result.predictions}.isdisjoint(finished)
     for name, mtime in finished.items():  # not written again
         assert (out / name).stat().st_mtime_ns == mtime
-    assert len(list(out.glob("case_*.nii.gz"))) == 8 and not list(out.glob(".tmp-*"))
+    assert len(list(out.glob("case_*.nii.gz"))) == 6 and not list(out.glob(".tmp-*"))

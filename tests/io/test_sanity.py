@@ -230,3 +230,13 @@ def test_io_dicom_reader_refuses_two_image_series(tmp_path):
     assert np.array_equal(
         read_dicom_series(tmp_path / "two", series_uid="1.2.3.5").array, volume + 1
     )
+
+
+def test_nifti_nan_survives_reading(tmp_path):
+    # ITK's NIfTI reader returns NaN and inf as 0; the checked reader keeps them
+    array = np.ones((5, 4, 3), np.float32)
+    array[1, 2, 0], array[4, 0, 2] = np.nan, -np.inf
+    for suffix in (".nii", ".nii.gz"):
+        back = read_image(write_image(Image(array, (1.0, 1.0, 1.0)), tmp_path / f"n{suffix}"))
+        assert np.isnan(back.array[1, 2, 0]) and np.isneginf(back.array[4, 0, 2])
+        assert np.isfinite(back.array).sum() == array.size - 2

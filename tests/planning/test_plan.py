@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from conftest import shared_dataset
 
+from medseg.io import Image, write_image
 from medseg.io.dataset import load_dataset
 from medseg.planning import ChannelStats, Fingerprint, Plan, compute_fingerprint, make_plan
 from medseg.planning.plan import choose_target_spacing
+from medseg.preprocessing.preprocess import preprocess_image
 from medseg.serialization import from_jsonable, to_jsonable
 
 
@@ -126,3 +128,53 @@ def test_totalsegmentator_ct_plan():
     assert norm.scheme == "ct"
     assert -1100 < norm.clip_low < -900 and 400 < norm.clip_high < 800
     assert np.prod(plan.patch_size) <= 64**3
+
+
+def test_per_channel_normalization_ct_clip_zscore_and_mr_zscore(tmp_path):
+    """A CT channel gets clip to its foreground 0.5-99.5 percentiles + dataset z-score, an MR
+    channel a per-image z-score (issue 22); the values come from numpy on the same voxels."""
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 8)
+    cases = []
+    for i in range(2):
+        label = np.zeros(shape, np.uint8)
+        label[3:9, 2:8, 2:6] = 1
+        ct = np.where(label > 0, rng.normal(40, 30, shape), -1000 + rng.normal(0, 5, shape))
+        ct[4, 4, 3] = 3000  # a metal voxel inside the foreground: clipped
+        mr = rng.gamma(2.0, 100.0, shape) + 300.0 * label
+        for c, array in enumerate((ct, mr)):
+            write_image(
+                Image(array.astype(np.float32), (1.0, 1.0, 2.0)),
+                tmp_path / "imagesTr" / f"case_{i}_{c:04d}.nii.gz",
+            )
+        write_image(Image(label, (1.0, 1.0, 2.0)), tmp_path / "labelsTr" / f"case_{i}.nii.gz")
+        cases.append((ct.astype(np.float32), mr.astype(np.float32), label))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT", "1": "T2"},
+                "labels": {"background": 0, "organ": 1},
+                "numTraining": 2,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    spec = load_dataset(tmp_path)
+    assert spec.is_ct == (True, False)
+    plan = make_plan(compute_fingerprint(spec, num_workers=1, show_progress=False))
+    ct_norm, mr_norm = plan.normalization
+    assert (ct_norm.scheme, mr_norm.scheme) == ("ct", "zscore")
+    foreground = np.concatenate([ct[label > 0] for ct, _, label in cases])
+    low, high = np.percentile(foreground, [0.5, 99.5])
+    assert ct_norm.clip_low == pytest.approx(low, rel=1e-5)
+    assert ct_norm.clip_high == pytest.approx(high, rel=1e-5)
+    assert ct_norm.mean == pytest.approx(foreground.mean(), rel=1e-5)
+    assert ct_norm.std == pytest.approx(foreground.std(), rel=1e-5)
+    ct, mr, _ = cases[0]
+    data, _ = preprocess_image(
+        [Image(ct, (1.0, 1.0, 2.0)), Image(mr, (1.0, 1.0, 2.0))],
+        Plan(**{**plan.__dict__, "target_spacing": (1.0, 1.0, 2.0)}),
+    )
+    expected_ct = (np.clip(ct, ct_norm.clip_low, ct_norm.clip_high) - ct_norm.mean) / ct_norm.std
+    np.testing.assert_allclose(data[0], expected_ct, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(data[1], (mr - mr.mean()) / mr.std(), rtol=1e-4, atol=1e-4)

@@ -151,6 +151,10 @@ def test_cli_pretrain_and_its_one_line_errors(pretrained, disk_dataset, tmp_path
     )
     assert ok == 0
     assert (tmp_path / "p" / "model" / "fold_0" / "weights_best.safetensors").is_file()
+    capsys.readouterr()
+    again = [*argv, str(disk_dataset), "-w", str(tmp_path / "p"), "--epochs", "2"]
+    assert main(again) == 2  # the checkpoint is genesis's: no silent mix-up
+    assert "pretrained with --method genesis" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -3,6 +3,7 @@ and `medseg check` / `medseg preprocess --coregister` handle such a dataset end 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from medseg.cli.main import main
 from medseg.errors import MedsegError
 from medseg.io.check import CHANNEL_GRID, require_clean
 from medseg.io.dataset import load_dataset
+from medseg.io.files import read_image
 from medseg.registration.coregister import channel_aligner
 
 SHIFT = np.array([1.6, -1.2, 0.9])  # mm: T2(p) shows the anatomy at p + SHIFT
@@ -47,7 +49,7 @@ def test_an_aligned_channel_keeps_the_header_alignment_and_header_mode_registers
         channel_aligner("bspline")
 
 
-def test_check_detects_the_grid_and_preprocess_coregister_resamples_it(tmp_path: Path, capsys):
+def test_check_coregister_train_with_dropout_and_predict_without_t2(tmp_path: Path, capsys):
     raw = write_two_channel_dataset(tmp_path / "raw", shifts=[SHIFT, SHIFT * -0.5])
     report = api.check(raw)
     grid = [p for p in report.errors if p.kind == CHANNEL_GRID]
@@ -69,3 +71,27 @@ def test_check_detects_the_grid_and_preprocess_coregister_resamples_it(tmp_path:
         transform = sitk.ReadTransform(str(coregistered / "transforms" / f"{case}_0001.tfm"))
         assert mean_error_voxels(transform, shift, t1) < 0.5
     assert len(load_dataset(coregistered).cases) == 2
+
+    # the user story goes on: train with modality dropout, predict without T2 (a tiny network)
+    plan = json.loads((work / "plan.json").read_text())
+    network = plan["network"]
+    network.update(
+        features=[4, 8], strides=network["strides"][:2], kernel_sizes=network["kernel_sizes"][:2]
+    )
+    plan.update(patch_size=[16, 16, 16], batch_size=2)
+    (work / "plan.json").write_text(json.dumps(plan))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["case_000"], "val": ["case_001"]}))
+    train = ["--quiet", "--device", "cpu", "train", str(coregistered), "-w", str(work)]
+    options = ["--split", str(split), "--epochs", "1", "--iterations-per-epoch", "2"]
+    assert main([*train, *options, "--model", "late_fusion", "--modality-dropout", "0.5"]) == 0
+    record = json.loads((work / "model" / "fold_0" / "train_config.json").read_text())
+    assert record["modality_dropout"] == 0.5 and record["model"] == "late_fusion"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "case_001_0000.nii.gz").symlink_to(coregistered / "imagesTr" / "case_001_0000.nii.gz")
+    out = tmp_path / "pred"
+    assert (
+        main(["--quiet", "--device", "cpu", "predict", str(work), str(inputs), "-o", str(out)]) == 0
+    )
+    assert read_image(out / "case_001.nii.gz").same_geometry(t1)

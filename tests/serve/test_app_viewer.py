@@ -212,3 +212,69 @@ def test_viewer_registers_through_the_form_and_blends_fixed_and_warped(server, b
     headers = {"Authorization": "Bearer viewer-token"}
     job = httpx.get(f"{server}/jobs/{job_id}", headers=headers).json()
     assert job["kind"] == "register" and job["source"] == "moving.nii.gz -> fixed.nii.gz"
+
+
+class UncertainThresholdPredictor(ThresholdPredictor):
+    """ThresholdPredictor that also gives an entropy map: ln 3 on the ball's rim, 0 elsewhere."""
+
+    def predict_case(self, channels, *, uncertainty=False, **_):
+        from scipy import ndimage
+
+        label = self.predict(channels)
+        if not uncertainty:
+            return label, None
+        inside = label.array > 0
+        rim = ndimage.binary_dilation(inside, iterations=2) & ~ndimage.binary_erosion(
+            inside, iterations=2
+        )
+        return label, channels[0].with_array(rim.astype(np.float32) * np.log(3.0))
+
+
+@pytest.fixture()
+def uncertain_server(tmp_path):
+    import uvicorn
+
+    app = create_app(
+        predictor=UncertainThresholdPredictor(), data_dir=tmp_path / "srv", token="viewer-token"
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_viewer_shows_the_uncertainty_overlay(uncertain_server, browser, tmp_path):
+    volume, _ = phantom_volume(shape=(64, 64, 48))
+    path = write_image(Image(volume, (1.0, 1.0, 1.0)), tmp_path / "ball.nii.gz")
+    url = f"{uncertain_server}/static/index.html?token=viewer-token&opacity=0&uncertainty=1"
+    browser.do("POST", "/url", {"url": url})
+    browser.do("POST", f"/element/{browser.element('#file')}/value", {"text": str(path)})
+    browser.do("POST", f"/element/{browser.element('#upload button')}/click", {})
+    job_id = wait_until(browser, "return document.body.dataset.loaded || null")
+    time.sleep(1.0)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shown = browser.screenshot(ARTIFACTS / "viewer_uncertainty.png")
+    assert browser.run("return document.getElementById('uncertainty-row').hidden") is False
+    assert browser.run("return nv.volumes.length") == 3
+    # labels hidden (opacity 0): the warm colours come from the uncertainty map
+    assert warm_pixels(shown) > 3000, warm_pixels(shown)
+    browser.run(
+        "const s = document.getElementById('uncertainty'); s.value = 0;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    time.sleep(1.0)
+    hidden = browser.screenshot(tmp_path / "viewer_no_uncertainty.png")
+    assert warm_pixels(hidden) < 500
+    headers = {"Authorization": "Bearer viewer-token"}
+    job = httpx.get(f"{uncertain_server}/jobs/{job_id}", headers=headers).json()
+    assert job["result"]["uncertainty"] is True
+    entropy = httpx.get(f"{uncertain_server}/jobs/{job_id}/result/uncertainty", headers=headers)
+    assert entropy.status_code == 200 and entropy.content[:2] == b"\x1f\x8b"  # gzip NIfTI

@@ -47,6 +47,7 @@ from medseg.serialization import write_json_atomic
 from medseg.training.splits import read_splits
 
 REPORT_FILE = "calibration_report.html"
+FIT_REGIONS = ("crop", "bbox")
 FORMAT_VERSION = 1
 
 
@@ -89,6 +90,7 @@ def calibrate_model(
     mc_samples: int = 0,
     max_cases: int | None = None,
     max_voxels: int = 4_000_000,
+    fit_region: str = "crop",
     target_recall: float = 0.8,
     failure_quantile: float = 0.1,
     device: str = "auto",
@@ -113,6 +115,10 @@ def calibrate_model(
         At most this many validation cases per fold.
     max_voxels
         Voxels used to fit the temperature (sampled uniformly from all cases' crops).
+    fit_region
+        ``"crop"``: fit on every voxel the network saw; ``"bbox"``: only inside the bounding
+        box of each case's reference foreground, where the uncertain voxels are (the NLL of
+        the crop is dominated by easy background voxels).
     target_recall, failure_quantile
         See :func:`medseg.calibration.qc.choose_review`.
     device, seed, show_progress
@@ -128,6 +134,8 @@ def calibrate_model(
     started = time.perf_counter()
     if mode not in MODES:
         raise MedsegError(f"unknown calibration mode {mode!r} (use one of {', '.join(MODES)})")
+    if fit_region not in FIT_REGIONS:
+        raise MedsegError(f"unknown fit region {fit_region!r} (use one of crop, bbox)")
     if not 0 < target_recall <= 1:
         raise MedsegError(f"target recall must be in (0, 1] (got {target_recall})")
     folder = ModelFolder.open(model_dir)
@@ -166,11 +174,15 @@ def calibrate_model(
 
     # 2. the temperature, on uniformly sampled voxels
     rng = np.random.default_rng(seed)
-    total = sum(r.size for r in refs)
+    regions = [
+        foreground_bbox_mask(r).ravel() if fit_region == "bbox" else np.ones(r.size, bool)
+        for r in refs
+    ]
+    total = sum(int(m.sum()) for m in regions)
     keep = min(1.0, max_voxels / total)
     xs, ys = [], []
-    for lg, ref in zip(logits, refs, strict=True):
-        flat_l, flat_r = lg.reshape(num_classes, -1).T, ref.ravel()
+    for lg, ref, inside in zip(logits, refs, regions, strict=True):
+        flat_l, flat_r = lg.reshape(num_classes, -1).T[inside], ref.ravel()[inside]
         if keep < 1.0:
             chosen = rng.random(flat_r.size) < keep
             flat_l, flat_r = flat_l[chosen], flat_r[chosen]
@@ -187,6 +199,7 @@ def calibrate_model(
         "folds": list(folds),
         "cases": len(cases),
         "voxels": int(y.numel()),
+        "fit_region": fit_region,
         "mirror_axes": list(mirror_axes),
         "mc_samples": mc_samples,
         "nll_before": negative_log_likelihood(x, y),
@@ -225,7 +238,10 @@ def calibrate_model(
                 **result.scores,
             }
         )
-    qc = choose_review(rows, target_recall=target_recall, failure_quantile=failure_quantile)
+    try:
+        qc = choose_review(rows, target_recall=target_recall, failure_quantile=failure_quantile)
+    except MedsegError as exc:  # too few or too uniform cases: the temperature still counts
+        qc = {"score": None, "threshold": None, "reason": str(exc)}
     record = {
         "format_version": FORMAT_VERSION,
         "method": "temperature_scaling",
@@ -297,6 +313,15 @@ def write_calibration_report(
             title=fit["ece_regions"][region],
         )
         parts.append(f"<img alt='reliability {region}' src='{_png_uri(png)}'>")
+    if qc.get("threshold") is None:
+        parts += [
+            "<h2>Quality control</h2>",
+            f"<p>No review threshold: {html.escape(qc['reason'])}</p>",
+        ]
+        parts.append("</body></html>")
+        path = Path(path)
+        write_bytes_atomic("\n".join(parts).encode("utf-8"), path)
+        return path
     parts += [
         "<h2>Quality control</h2>",
         f"<p>Score <b>{html.escape(qc['score'])}</b>; review threshold {qc['threshold']:.4g} "

@@ -8,6 +8,8 @@ from dataclasses import replace
 from medseg import api
 from medseg.cli.common import add_train_options, print_json, train_config, with_default_budget
 from medseg.continual import METHODS
+from medseg.continual.heads import HEAD_INITS
+from medseg.errors import MedsegError
 from medseg.settings import Settings
 
 
@@ -21,7 +23,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "it has the same labels. The extended model folder is WORK/model; WORK/continual/"
         "report.html shows Dice before and after and the forgetting per class.",
     )
-    p.add_argument("model", help="the trained model folder (or a work folder holding model/)")
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL",
+        help="the trained model folder (or a work folder holding model/)",
+    )
     p.add_argument("dataset", help="the new dataset")
     p.add_argument("-w", "--work-dir", help="the extended model's work folder")
     p.add_argument("--method", choices=METHODS, default="naive")
@@ -44,16 +50,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="weight of the method's extra term (lwf 1, mib 10, plop 0.01, ewc 100)",
     )
+    p.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default="copy",
+        help="new classes' head rows: fresh (copy: old rows copied, new ones initialized) "
+        "or MiB's copy of the background classifier",
+    )
     add_train_options(p)
     p.set_defaults(handler=run_extend)
 
 
 def run_extend(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    if args.model or args.init_from or args.encoder_weights:
+        raise MedsegError(
+            "extend trains the model's own architecture from its own weights: "
+            "--model, --init-from and --encoder-weights do not apply"
+        )
     config = with_default_budget(train_config(args), args)
     if args.folds:
         config = replace(config, fold=args.folds[0])
     result = api.extend(
-        args.model,
+        args.model_dir,
         args.dataset,
         settings.work_dir,
         method=args.method,
@@ -63,6 +81,7 @@ def run_extend(args: argparse.Namespace, settings: Settings, show_progress: bool
         config=config,
         split_file=args.split,
         weight=args.method_weight,
+        head_init=args.head_init,
         num_workers=settings.num_workers,
         show_progress=show_progress,
     )

@@ -47,6 +47,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-cases", type=int, help="at most this many validation cases per fold")
     p.add_argument(
+        "--fit-region",
+        choices=("crop", "bbox"),
+        default="crop",
+        help="fit on every voxel (crop) or inside the reference-foreground bounding box",
+    )
+    p.add_argument(
         "--target-recall",
         type=float,
         default=0.8,
@@ -116,6 +122,7 @@ def run_calibrate(args: argparse.Namespace, settings: Settings, show_progress: b
         mirror=args.tta,
         mc_samples=args.mc_dropout,
         max_cases=args.max_cases,
+        fit_region=args.fit_region,
         target_recall=args.target_recall,
         failure_quantile=args.failure_quantile,
         device=settings.device,

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from medseg.continual.exemplars import (
     select_exemplars,
     store_exemplars,
 )
-from medseg.continual.heads import grow_state_dict
+from medseg.continual.heads import HEAD_INITS, grow_state_dict
 from medseg.continual.hooks import (
     EWCHook,
     LwFHook,
@@ -175,7 +176,9 @@ def dice_on_cases(
     if not cases:
         return np.full(plan.num_classes - 1, np.nan)
     network.eval()
-    return validate(network, cases, plan, torch.device(device), mirror=False)
+    with warnings.catch_warnings():  # NaN for a class absent from every case is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return validate(network, cases, plan, torch.device(device), mirror=False)
 
 
 def _choose_fold(folder: ModelFolder, fold: int | None) -> int:
@@ -272,6 +275,7 @@ def extend(
     split_file: str | os.PathLike | None = None,
     weight: float | None = None,
     replay_share: float = 0.25,
+    head_init: str = "copy",
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> ExtendResult:
@@ -304,6 +308,12 @@ def extend(
         Weight of the method's extra term (default :data:`DEFAULT_WEIGHTS`).
     replay_share
         ``rehearsal``: the share of training patches drawn from the exemplars.
+    head_init
+        How the new classes' head rows start: ``"copy"`` (fresh initialization; the
+        default) or ``"mib"`` (MiB's copy of the background; see
+        :mod:`medseg.continual.heads`). With MiB's start the new rows equal the
+        background's and only drift apart at the head's learning speed, which short CPU
+        budgets do not give (see docs/continual.md).
 
     Raises
     ------
@@ -325,6 +335,7 @@ def extend(
         split_file=split_file,
         weight=weight,
         replay_share=replay_share,
+        head_init=head_init,
         num_workers=num_workers,
         show_progress=show_progress,
     )
@@ -343,6 +354,7 @@ def extend_spec(
     split_file: str | os.PathLike | None = None,
     weight: float | None = None,
     replay_share: float = 0.25,
+    head_init: str = "copy",
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> ExtendResult:
@@ -352,6 +364,10 @@ def extend_spec(
         raise MedsegError(f"unknown continual method {method!r} (use {', '.join(METHODS)})")
     if exemplars < 0:
         raise MedsegError(f"--exemplars must be >= 0 (got {exemplars})")
+    if head_init not in HEAD_INITS:
+        raise MedsegError(
+            f"unknown head initialization {head_init!r} (use {', '.join(HEAD_INITS)})"
+        )
     if not 0 < replay_share < 1:
         raise MedsegError(f"replay share must be between 0 and 1 (got {replay_share})")
     config = config or TrainConfig()
@@ -404,6 +420,11 @@ def extend_spec(
         origin = {"dataset": inherited.get("dataset"), "model": str(old.path), "inherited": True}
     if exemplar_source is not None and exemplar_ids:
         store_exemplars(model_out, exemplar_source, exemplar_ids, k=exemplars, origin=origin)
+    if method in NEEDS_EXEMPLARS and not exemplar_ids:
+        raise MedsegError(
+            f"method '{method}' needs exemplars of the old data, but none of the old model's "
+            f"training cases are in {old_spec.root if old_spec else old.path}"
+        )
 
     # New data: preprocessed with the grown plan; exemplars join when rehearsing.
     pre = preprocess_dataset(spec, plan, work, num_workers=num_workers, show_progress=show_progress)
@@ -435,7 +456,7 @@ def extend_spec(
         fresh,
         old_classes=labels.old_classes,
         new_classes=labels.classes,
-        init="mib" if method in ("mib", "plop") else "copy",
+        init=head_init,
     )
     old_network = old.load_networks([old_fold], kind=_kind(old, old_fold), fuse_batchnorm=False)[0]
     needs_old = method in ("lwf", "mib", "plop")
@@ -455,6 +476,14 @@ def extend_spec(
 
     fold_dir = model_out / f"fold_{config.fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    # A work folder resumes its own step only: never another method's or model's checkpoint.
+    step_file = fold_dir / "extend_step.json"
+    this_step = {"from": str(old.path), "fold": old_fold, "method": method, "head_init": head_init}
+    if step_file.is_file() and json.loads(step_file.read_text()) != this_step:
+        raise MedsegError(
+            f"{fold_dir}: holds another extension step ({step_file.name}); use another --work-dir"
+        )
+    write_json_atomic(this_step, step_file)
     write_json_atomic(
         replace(
             config,
@@ -472,6 +501,7 @@ def extend_spec(
         val_ids=val_ids,
         labels=labels,
         method=method,
+        old_plan=old.plan,
         old=old_model,
     )
     loop = Engine(
@@ -511,6 +541,7 @@ def extend_spec(
             "mode": labels.mode,
             "method": method,
             "weight": DEFAULT_WEIGHTS.get(method) if weight is None else weight,
+            "head_init": head_init,
             "labels_before": {str(k): v for k, v in sorted(old.labels.items())},
             "labels_after": {str(k): v for k, v in sorted(merged.items())},
             "exemplars": exemplar_ids,

@@ -292,12 +292,15 @@ class EWCHook(_TermHook):
 
     def on_start(self, engine: Engine) -> None:
         device = engine.device
-        params = dict(engine.model.named_parameters())
-        self.triples = [
-            (params[k], self.anchor[k].to(device), self.fisher[k].to(device))
-            for k in self.fisher
-            if k in params
-        ]
+        self.triples = []
+        for name, param in engine.model.named_parameters():
+            key = name.removeprefix("base.")  # a GrownNetwork's old modules
+            if key not in self.fisher:
+                continue  # the new classes' extra heads: nothing to remember
+            anchor, fisher = self.anchor[key], self.fisher[key]
+            if anchor.shape != param.shape:  # a grown head's old rows
+                anchor, fisher = anchor[: param.shape[0]], fisher[: param.shape[0]]
+            self.triples.append((param, anchor.to(device), fisher.to(device)))
 
     def term(self, outputs: Any, batch: Any) -> torch.Tensor:
         return ewc_penalty(self.triples)

@@ -17,6 +17,7 @@ reason every epoch's weights count as the best (the step ends with its last weig
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.continual.heads import GrownNetwork, head_modules
 from medseg.continual.hooks import OldModel
 from medseg.continual.losses import MaskedDiceCE, UnbiasedDiceCE, pseudo_labels
 from medseg.losses import DeepSupervisionLoss
+from medseg.model_folder import build_network
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.engine import Validation
@@ -70,6 +73,10 @@ class ExtensionTask(SegmentationTask):
     ----------
     plan, preprocessed_dir, fold_dir, config, train_ids, val_ids
         As for :class:`SegmentationTask` (the plan with the grown label map).
+    old_plan
+        The old model's plan: in a class-incremental step the network trains as a
+        :class:`medseg.continual.heads.GrownNetwork` around the old architecture, so
+        the old classes' logits start bit-identical.
     labels
         The step's label relation.
     method
@@ -89,6 +96,7 @@ class ExtensionTask(SegmentationTask):
         val_ids: list[str],
         labels: StepLabels,
         method: str,
+        old_plan: Plan,
         old: OldModel | None = None,
     ) -> None:
         super().__init__(
@@ -97,9 +105,22 @@ class ExtensionTask(SegmentationTask):
         if method in ("mib", "plop") and old is None:
             raise ValueError(f"method {method!r} needs the old network")
         self.labels, self.method, self.old = labels, method, old
+        self.old_plan = old_plan
 
     def setup(self, device: torch.device) -> nn.Module:
         model = super().setup(device)
+        if self.labels.new:  # the old modules as they are, plus heads for the new classes
+            base = build_network(
+                self.old_plan, name=self.network_name, deep_supervision=self.config.deep_supervision
+            )
+            heads = head_modules(base.state_dict(), model.state_dict())
+            model = GrownNetwork(
+                base,
+                old_classes=self.labels.old_classes,
+                new_classes=self.labels.classes,
+                heads=heads,
+            )
+            model = model.to(device).to(memory_format=self.fmt)
         self.has_validation = False  # the step ends with its last weights (see the module)
         num_outputs = len(self.criterion.weights)
         if self.method == "mib":
@@ -124,7 +145,9 @@ class ExtensionTask(SegmentationTask):
     def validate(self, model: nn.Module) -> Validation:
         if not self.val_cases:
             return Validation(score=float("nan"))
-        per_class = validate(model, self.val_cases, self.plan, self.device, mirror=False)
+        with warnings.catch_warnings():  # a class absent from every case: NaN, said once
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_class = validate(model, self.val_cases, self.plan, self.device, mirror=False)
         scored = {self.class_names[c]: float(per_class[c - 1]) for c in self.labels.labelled}
         with np.errstate(all="ignore"):
             mean = float(np.nanmean(list(scored.values()))) if scored else float("nan")

@@ -7,10 +7,12 @@ syntaxes, from the file list in the order checked here.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,15 +83,25 @@ def _safe_extract(archive: Path, target: Path) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             root = target.resolve()
-            for member in zf.infolist():
+            members = zf.infolist()
+            # a zip bomb: zipfile stops each member at its declared size, so these bound it
+            total = sum(m.file_size for m in members)
+            if len(members) > MAX_ZIP_MEMBERS or total > MAX_ZIP_BYTES:
+                raise DicomSeriesError(
+                    f"{archive}: {len(members)} members, {total} bytes unpacked: more than "
+                    f"the limit of {MAX_ZIP_MEMBERS} members or {MAX_ZIP_BYTES} bytes"
+                )
+            for member in members:
                 dest = (target / member.filename).resolve()
                 if not dest.is_relative_to(root):
                     raise DicomSeriesError(
                         f"{archive}: member {member.filename!r} escapes the archive"
                     )
             zf.extractall(target)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
         raise DicomSeriesError(f"{archive}: not a readable zip file ({exc})") from None
+    except (RuntimeError, NotImplementedError, zlib.error) as exc:  # encrypted, unknown method
+        raise DicomSeriesError(f"{archive}: cannot unpack the zip file ({exc})") from None
 
 
 @contextmanager
@@ -111,28 +123,98 @@ def dicom_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+MAX_ZIP_MEMBERS = 100_000
+MAX_ZIP_BYTES = 16 << 30  # unpacked; a CT study is rarely above 2 GB
+
+# Header values longer than this are not read until used: a damaged length field must not
+# make pydicom allocate gigabytes (found by fuzzing) while we look for a few small tags.
+HEADER_DEFER = "256 KB"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _is_part10(file: Path) -> bool:
+    try:
+        with open(file, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+class _BoundedFile(io.FileIO):
+    """A file whose reads never ask for more than what is left in it.
+
+    pydicom reads a value with ``read(declared_length)``, which allocates that many bytes
+    first: a damaged length field (gigabytes, found by fuzzing) would be allocated before the
+    short read is noticed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self.size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self.size - self.tell()))
+        return super().read(size)
+
+
+def _read_dataset(file: Path, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """``pydicom.dcmread``, with any failure as a one-line DicomSeriesError naming the file."""
+    try:
+        with _BoundedFile(file) as f:
+            header = pydicom.dcmread(
+                f, stop_before_pixels=stop_before_pixels, defer_size=HEADER_DEFER
+            )
+        size = file.stat().st_size
+        for tag in tuple(header.keys()):  # raw elements keep their declared length
+            length = getattr(header.get_item(tag), "length", 0) or 0
+            if length != UNDEFINED_LENGTH and length > size:
+                raise DicomSeriesError(
+                    f"{file}: damaged DICOM file (element {tag} declares {length} bytes, "
+                    f"the file has {size})"
+                )
+        if stop_before_pixels:
+            return header
+        with _BoundedFile(file) as f:
+            return pydicom.dcmread(f)
+    except DicomSeriesError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+        raise DicomSeriesError(f"{file}: unreadable DICOM file ({detail})") from None
+
+
 def scan_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     """Every DICOM series under ``folder`` (recursively), from the headers only.
 
     Files that are not DICOM are ignored; series are ordered by descending file count.
     """
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    groups: dict[str, list[tuple[Path, tuple[str, str, str]]]] = {}
     for file in sorted(Path(folder).rglob("*")):
         if not file.is_file() or file.name.startswith("."):
             continue
-        try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+        try:  # pydicom converts elements lazily: a damaged one fails on first access
+            with _BoundedFile(file) as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=HEADER_DEFER)
+            if "SeriesInstanceUID" not in ds:
+                continue
+            uid = str(ds.SeriesInstanceUID)
+            about = tuple(
+                str(ds.get(k, "")) for k in ("StudyInstanceUID", "Modality", "SeriesDescription")
+            )
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types
+            if _is_part10(file):  # a damaged DICOM file, not a stray one: never drop a slice
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+                raise DicomSeriesError(f"{file}: damaged DICOM file ({detail})") from None
             continue
-        if "SeriesInstanceUID" not in ds:
-            continue
-        groups.setdefault(str(ds.SeriesInstanceUID), []).append((file, ds))
+        groups.setdefault(uid, []).append((file, about))
     infos = [
         SeriesInfo(
             series_uid=uid,
-            study_uid=str(items[0][1].get("StudyInstanceUID", "")),
-            modality=str(items[0][1].get("Modality", "")),
-            description=str(items[0][1].get("SeriesDescription", "")),
+            study_uid=items[0][1][0],
+            modality=items[0][1][1],
+            description=items[0][1][2],
             files=tuple(f for f, _ in items),
         )
         for uid, items in groups.items()
@@ -177,7 +259,7 @@ def _sorted_checked(
 ) -> list[tuple[Path, pydicom.Dataset]]:
     """Slices sorted along the slice normal, after the geometry checks
     (:func:`medseg.io.sanity.check_slice_geometry`)."""
-    items = [(f, pydicom.dcmread(f, stop_before_pixels=True)) for f in info.files]
+    items = [(f, _read_dataset(f, stop_before_pixels=True)) for f in info.files]
     headers = []
     for file, ds in items:
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
@@ -194,7 +276,7 @@ def _sorted_checked(
                     tilt=float(ds.get("GantryDetectorTilt", 0) or 0),
                 )
             )
-        except (TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - a damaged element fails when pydicom converts it
             raise DicomSeriesError(f"{file}: invalid geometry tags") from None
     by_file = dict(items)
     return [(h.file, by_file[h.file]) for h in check_slice_geometry(source, headers)]
@@ -244,6 +326,6 @@ def read_series(
         if volume.GetNumberOfComponentsPerPixel() != 1:
             raise DicomSeriesError(f"{path}: colour DICOM series are not supported")
         # Full datasets (with pixel data) are kept: highdicom references them.
-        datasets = tuple(repair_header(pydicom.dcmread(f)) for f, _ in items)
+        datasets = tuple(repair_header(_read_dataset(f)) for f, _ in items)
         files = tuple(Path(path) / f.relative_to(folder) for f, _ in items)
     return DicomSeries(image=from_sitk(volume), datasets=datasets, files=files)

@@ -272,7 +272,18 @@ def explain_case(
         raise MedsegError(f"{region_source}: the region lies outside the part the network sees")
     box = _window(region_net, tuple(predictor.plan.patch_size))
     x = torch.from_numpy(np.ascontiguousarray(data[(slice(None), *box)]))[None]
-    region_window = torch.from_numpy(region_net[box])[None]
+    region_window = torch.from_numpy(region_net[box].astype(np.float32))[None]
+    # a case smaller than the patch is padded to it (as the sliding window does): the
+    # network's strides need it; the padding is cut off the attribution again
+    inner = tuple(x.shape[2:])
+    before = [(p - n) // 2 for p, n in zip(predictor.plan.patch_size, inner, strict=True)]
+    widths: list[int] = []
+    for b, p, n in reversed(list(zip(before, predictor.plan.patch_size, inner, strict=True))):
+        widths += [b, p - n - b]
+    if any(widths):
+        x = F.pad(x, widths)
+        region_window = F.pad(region_window, widths)
+    unpad = tuple(slice(b, b + n) for b, n in zip(before, inner, strict=True))
     block = _per_axis(window, len(spatial)) or default_occlusion_window(tuple(x.shape[2:]))
     step = _per_axis(stride, len(spatial)) or block
     network = predictor.models[0]
@@ -285,7 +296,7 @@ def explain_case(
     else:
         attr = attribute(target, x.requires_grad_(True), method, steps=steps)
     full = torch.zeros(spatial, dtype=torch.float32)
-    full[box] = attr.detach().float()
+    full[box] = attr.detach().float()[unpad]
     attribution = uncrop(resample_to(full, geometry), geometry).astype(np.float32)
     seconds = time.perf_counter() - started
     dilated = dilate(region_full, float(dilation_voxels), (1.0,) * region_full.ndim)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "round_folder",
     "round_learning_rate",
     "run_federation",
+    "say",
     "tensor_bytes",
 ]
 
@@ -106,6 +108,11 @@ class Transport(Protocol):
     ) -> list[Update]:
         """Every reply of one round (a site that dropped out: an Update with ``error``)."""
         ...
+
+
+def say(message: str) -> None:
+    """The default progress log: one line on stderr (stdout stays for results)."""
+    print(f"medseg: {message}", file=sys.stderr, flush=True)
 
 
 def tensor_bytes(weights: Weights) -> int:
@@ -196,7 +203,7 @@ def run_federation(
     out_dir: str | os.PathLike,
     config: FederationConfig,
     *,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Agree a plan, then run the rounds (resuming after the last saved one).
 

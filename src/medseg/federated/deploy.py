@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from medseg.errors import MedsegError
 from medseg.federated.certs import Certificates, make_certificates
-from medseg.federated.coordinator import FederationConfig
+from medseg.federated.coordinator import FederationConfig, say
 from medseg.federated.simulate import write_site_files
 from medseg.io.dataset import DatasetSpec
 from medseg.serialization import write_json_atomic
@@ -113,15 +113,15 @@ class FlowerProcess:
 
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> int | None:
         """SIGTERM (or SIGKILL) the process group; SIGKILL if it outlives ``timeout``."""
-        if self.alive():
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL if kill else signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
+        # the whole group, even when its leader has exited (children may outlive it)
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
         self.handle.close()
         return self.popen.returncode
 
@@ -202,7 +202,7 @@ def serve(
     port: int = 9092,
     connect_host: str = "127.0.0.1",
     on_ready: Callable[[], None] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run the coordinator as a Flower deployment until the rounds are done.
@@ -332,7 +332,7 @@ def join(
     device: str = "cpu",
     num_threads: int | None = None,
     name: str = "site",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> int:
     """Run a site's SuperNode until it is stopped (Ctrl-C) or exits; its exit status."""
     work = Path(work_dir).resolve()
@@ -372,7 +372,7 @@ def run_local_deployment(
     num_threads: int | None = 1,
     timeout: float | None = None,
     on_started: Callable[[dict[str, FlowerProcess], int, Certificates], None] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """The whole deployment on this machine: certificates, a SuperLink, one SuperNode per
     site (each with its cases, key and work folder), all on loopback with TLS."""

@@ -209,12 +209,16 @@ class Site:
             tensorboard=False,
         )
         engine = Engine(task, folder, loop, hooks=hooks, resume=False, show_progress=False)
+        cpu0 = time.process_time()
         result = engine.fit(initial_weights=weights)
+        train_cpu = time.process_time() - cpu0  # unlike wall time, not inflated by contention
         new = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
         metrics: dict[str, Any] = {
             "train_loss": meter.mean,
             "steps": float(result.session_iterations),
             "train_seconds": result.elapsed_seconds,
+            "step_seconds": result.step_seconds,
+            "train_cpu_seconds": train_cpu,
             "round_seconds": 0.0,
             "batch_size": float(task.batch_size),
         }

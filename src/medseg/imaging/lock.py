@@ -9,6 +9,7 @@ one process (``run`` takes it, then ``train`` inside it takes it again).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -30,6 +31,18 @@ __all__ = ["LOCK_NAME", "FolderLocked", "folder_lock", "holds_folder", "lock_hol
 LOCK_NAME = ".medseg.lock"
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (fd, depth) held by this process
 _guard = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    # A forked worker (a preprocessing pool) must not keep its parent's lock alive after a
+    # kill -9 of the parent: close its copies (the parent's lock stays, flock is per open file).
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class FolderLocked(MedsegError):
@@ -119,6 +132,7 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         One line naming the folder and the live holder's command and PID.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     with _guard:
@@ -140,6 +154,11 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
                 os.ftruncate(fd, 0)
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
+                if created:  # a command that failed before writing leaves no empty folder
+                    with contextlib.suppress(OSError):
+                        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                            (folder / LOCK_NAME).unlink()
+                            folder.rmdir()
 
 
 def holds_folder(

@@ -237,7 +237,7 @@ def _import_ray() -> Any:
     try:
         import ray  # optional: only the ray engine needs it
     except ImportError:
-        raise MedsegError("--engine ray needs Ray (pip install 'ray>=2.9')") from None
+        raise MedsegError("--engine ray needs Ray (pip install 'medseg[scale]')") from None
     return ray
 
 

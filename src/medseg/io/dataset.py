@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,9 +121,11 @@ def parse_labels(raw: dict, path: Path) -> tuple[tuple[int, str], ...]:
         raise DatasetError(f"{path}: 'labels' must be a non-empty mapping")
     pairs: list[tuple[int, str]] = []
     for key, value in raw.items():
-        if str(key).strip().lstrip("-").isdigit():
+        if _INTEGER.match(str(key).strip()):
             pairs.append((int(key), str(value)))
-        elif isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        elif (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _INTEGER.match(value.strip())
+        ):
             pairs.append((int(value), str(key)))
         elif isinstance(value, list):
             raise DatasetError(f"{path}: region-based labels ({key}: {value}) are not supported")
@@ -141,6 +144,8 @@ def _channel_names(meta: dict, path: Path) -> tuple[str, ...]:
     raw = meta.get("channel_names", meta.get("modality"))
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{path}: needs 'modality' (MSD) or 'channel_names' (nnU-Net v2)")
+    if not all(_INTEGER.match(str(k).strip()) for k in raw):
+        raise DatasetError(f'{path}: channel keys must be numbers like "0", got {list(raw)[:5]}')
     return tuple(str(raw[k]) for k in sorted(raw, key=lambda k: int(k)))
 
 
@@ -187,6 +192,18 @@ def _scan_cases(
     return tuple(cases)
 
 
+_INTEGER = re.compile(r"^-?[0-9]{1,9}$")
+_ENDING = re.compile(r"^\.[A-Za-z0-9.]{1,15}$")
+
+
+def _inside(meta_path: Path, relative: str) -> str:
+    """A path of dataset.json, refused when it leaves the dataset folder."""
+    normal = os.path.normpath(relative) if relative else ""
+    if os.path.isabs(normal) or normal == ".." or normal.startswith("../") or "\0" in normal:
+        raise DatasetError(f"{meta_path}: {relative[:60]!r} points outside the dataset folder")
+    return relative
+
+
 def _load_json_dataset(root: Path) -> DatasetSpec:
     meta_path = root / "dataset.json"
     try:
@@ -203,13 +220,21 @@ def _load_json_dataset(root: Path) -> DatasetSpec:
     labels = parse_labels(meta["labels"], meta_path)
     layout = "nnunetv2" if "channel_names" in meta or "file_ending" in meta else "msd"
     ending = str(meta.get("file_ending", ".nii.gz"))
+    if not _ENDING.match(ending):
+        raise DatasetError(
+            f"{meta_path}: 'file_ending' must look like .nii.gz, got {ending[:30]!r}"
+        )
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     cases = _scan_cases(images_dir, labels_dir, len(channels), ending)
     if layout == "msd" and isinstance(meta.get("training"), list) and meta["training"]:
         # MSD lists its cases; an nnU-Net conversion of it renames images to _0000.
         listed = []
         for entry in meta["training"]:
-            image_rel = str(entry.get("image", "")).removeprefix("./")
+            if not isinstance(entry, dict):
+                raise DatasetError(
+                    f"{meta_path}: 'training' entries must be objects, got {entry!r:.40}"
+                )
+            image_rel = _inside(meta_path, str(entry.get("image", "")).removeprefix("./"))
             case_id = strip_suffix(image_rel)
             found = _channel_files(images_dir, case_id, len(channels), ending)
             images = found or (str(root / image_rel),)
@@ -218,7 +243,9 @@ def _load_json_dataset(root: Path) -> DatasetSpec:
                 CaseSpec(
                     case_id,
                     images,
-                    str(root / str(label_rel).removeprefix("./")) if label_rel else None,
+                    str(root / _inside(meta_path, str(label_rel).removeprefix("./")))
+                    if label_rel
+                    else None,
                 )
             )
         listed_ids = {c.case_id for c in listed}

@@ -8,6 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -19,7 +20,9 @@ from medseg.io.sanity import (
     DicomSeriesError,
     check_header,
     check_slice_geometry,
+    dicom_length_problem,
     gdcm_slice_header,
+    nifti_has_nonfinite,
     sub_byte_scale,
 )
 
@@ -137,6 +140,18 @@ def nifti_truncation(path: str | os.PathLike) -> str | None:
     return None if total >= expected else f"truncated data: {total} of {expected} bytes"
 
 
+def _with_stored_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
+    """``image`` with the NaN and infinite voxels that the NIfTI file stores (nibabel's read)."""
+    stored = np.asanyarray(nib.load(str(path)).dataobj)
+    array = sitk.GetArrayFromImage(image)
+    stored = stored.T.reshape(array.shape)  # NIfTI (i, j, k[, c]) -> ITK's (..., k, j, i)
+    bad = ~np.isfinite(stored)
+    array[bad] = stored[bad]
+    out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.CopyInformation(image)
+    return out
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise MedsegError(f"{path}: file not found")
@@ -154,6 +169,8 @@ def _read_sitk(path: Path) -> sitk.Image:
         problem = nifti_truncation(path)
         if problem:  # ITK zero-fills what is missing instead of failing
             raise MedsegError(f"{path}: cannot read image ({problem})")
+        if nifti_has_nonfinite(path):  # ITK reads NaN and inf as 0: put them back
+            image = _with_stored_nonfinite(image, path)
     scale = sub_byte_scale(path) if image_suffix(path) == ".png" else 1
     if scale > 1:  # ITK stretched a 1/2/4-bit grey PNG to 0..255: back to the stored values
         image = sitk.Cast(sitk.Divide(image, scale), image.GetPixelID())
@@ -220,6 +237,10 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     folder = Path(folder)
     if not folder.is_dir():
         raise MedsegError(f"{folder}: not a folder of DICOM files")
+    for file in sorted(folder.iterdir()):  # before GDCM allocates what a damaged length says
+        problem = dicom_length_problem(file) if file.is_file() else None
+        if problem:
+            raise DicomSeriesError(f"{file}: damaged DICOM file ({problem})")
     series = list_dicom_series(folder)
     if not series:
         raise DicomSeriesError(f"{folder}: no DICOM series found")
@@ -249,6 +270,21 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise MedsegError(f"{folder}: colour DICOM series are not supported")
     return from_sitk(image)
+
+
+def _written_nifti_problem(path: Path) -> str | None:
+    """Why a NIfTI file just written is incomplete (a header that does not parse, or data
+    shorter than it declares), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if image_suffix(path) == ".nii.gz":
+            head = zlib.decompressobj(wbits=31).decompress(head, 540)
+    except (OSError, zlib.error) as exc:
+        return f"unreadable ({exc})"
+    if _nifti_expected_size(head) is None:
+        return "no complete NIfTI header"
+    return nifti_truncation(path)
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -286,7 +322,7 @@ def write_image(
     with atomic_path(path, suffix=image_suffix(path) or path.suffix) as tmp:
         sitk.WriteImage(to_sitk(image), str(tmp), useCompression=compress)
         # ITK's NIfTI writer reports a short write (a full disk) on stderr only
-        problem = nifti_truncation(tmp) if image_suffix(path) in (".nii", ".nii.gz") else None
+        problem = _written_nifti_problem(tmp) if image_suffix(path) in (".nii", ".nii.gz") else None
         if problem:
             raise MedsegError(f"{path}: incomplete write ({problem})")
     return path

@@ -19,6 +19,7 @@ the PACS path refuse the same inputs with the same one-line message naming the f
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import struct
@@ -46,6 +47,7 @@ __all__ = [
     "check_png",
     "check_slice_geometry",
     "max_voxels",
+    "nifti_has_nonfinite",
     "nifti_header_problem",
     "png_info",
 ]
@@ -140,6 +142,48 @@ def nifti_header_problem(path: str | os.PathLike) -> str | None:
         if abs(np.linalg.det(matrix[:, :3])) < 1e-12:
             return "the sform matrix is singular (zero spacing or collinear axes)"
     return None
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def nifti_has_nonfinite(path: str | os.PathLike) -> bool:
+    """Whether a float NIfTI file stores NaN or infinite voxels.
+
+    ITK's NIfTI reader turns them into 0 without a word, so the stored values are scanned
+    here (streamed: the file is never held in memory twice; integer files are skipped).
+    """
+    path = Path(path)
+    try:
+        head = _nifti_header_bytes(path)
+    except (OSError, zlib.error):
+        return False
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            datatype = struct.unpack(endian + "h", head[70:72])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            datatype = struct.unpack(endian + "h", head[12:14])[0]
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        return False
+    if datatype not in _NIFTI_FLOATS:
+        return False
+    dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
+    chunk = dtype.itemsize << 20
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            f.seek(max(offset, 0))
+            while block := f.read(chunk):
+                usable = len(block) - len(block) % dtype.itemsize
+                if not np.isfinite(np.frombuffer(block[:usable], dtype=dtype)).all():
+                    return True
+    except (OSError, EOFError, zlib.error):
+        return False  # truncation is reported by the reader's own check
+    return False
 
 
 def png_info(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
@@ -373,9 +417,81 @@ def _numbers(text: str, count: int, file: Path, tag: str) -> tuple[float, ...]:
     return values
 
 
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_UNWALKED_SYNTAXES = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")  # big endian, deflated
+
+
+def dicom_length_problem(path: str | os.PathLike) -> str | None:
+    """A top-level DICOM element whose declared length runs past the end of the file, or None.
+
+    GDCM allocates what a length field says before it reads: a damaged length (gigabytes,
+    found by fuzzing) is refused here first. File meta and explicit or implicit VR little
+    endian data sets are walked up to the pixel data or the first element of undefined length.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    size = len(data)
+    if size < 132 or data[128:132] != b"DICM":
+        return None  # not Part 10: GDCM decides
+    at, explicit, meta_syntax, in_meta = 132, True, "", True
+    while at + 8 <= size:
+        group, element = struct.unpack_from("<HH", data, at)
+        if in_meta and group != 2:  # the data set's own encoding starts here
+            in_meta = False
+            if meta_syntax in _UNWALKED_SYNTAXES:
+                return None
+            explicit = meta_syntax != _IMPLICIT_LE
+        vr = data[at + 4 : at + 6]
+        if explicit and vr.isalpha() and vr.isupper():
+            if vr in _LONG_VRS:
+                if at + 12 > size:
+                    return f"element ({group:04X},{element:04X}) is cut off"
+                length = struct.unpack_from("<I", data, at + 8)[0]
+                at += 12
+            else:
+                length = struct.unpack_from("<H", data, at + 6)[0]
+                at += 8
+        else:
+            length = struct.unpack_from("<I", data, at + 4)[0]
+            at += 8
+        if length == 0xFFFFFFFF:
+            return None  # a sequence or encapsulated pixels: items follow; GDCM walks them
+        if length > size - at:
+            return (
+                f"element ({group:04X},{element:04X}) declares {length} bytes, "
+                f"only {size - at} are left in the file"
+            )
+        if group == 2 and element == 0x0010:
+            meta_syntax = data[at : at + length].decode("ascii", "replace").strip("\x00 ")
+        if (group, element) == (0x7FE0, 0x0010):
+            return None
+        at += length
+    return None
+
+
 def gdcm_slice_header(file: str | os.PathLike) -> tuple[SliceHeader, str]:
     """One slice's :class:`SliceHeader` and its Modality, read by GDCM (no pixel data)."""
     file = Path(file)
+    problem = dicom_length_problem(file)
+    if problem:
+        raise DicomSeriesError(f"{file}: damaged DICOM file ({problem})")
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(file))

@@ -40,12 +40,30 @@ def label_volumes_ml(label: Image, labels: dict[int, str]) -> dict[str, float]:
     return {name: round(float(counts[v]) * voxel_ml, 4) for v, name in sorted(labels.items())}
 
 
+UNCERTAINTY_FILE = "uncertainty.nii.gz"  # the viewer's uncertainty overlay (issue 20)
+
+
 def segment_image(
-    predictor, image: Image, output_dir: str | os.PathLike, *, overwrite: bool = False
+    predictor,
+    image: Image,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    uncertainty: bool = False,
 ):
-    """Predict a label map for ``image`` and write ``image.nii.gz`` and ``label.nii.gz``."""
+    """Predict a label map for ``image`` and write ``image.nii.gz`` and ``label.nii.gz``.
+
+    ``uncertainty`` also writes ``uncertainty.nii.gz`` (the entropy map, in nats) when the
+    predictor can make one (:meth:`medseg.inference.Predictor.predict_case`).
+    """
     output_dir = Path(output_dir)
-    label = predictor.predict([image])
+    if uncertainty and hasattr(predictor, "predict_case"):
+        label, entropy = predictor.predict_case([image], uncertainty=True)
+        if entropy is not None:
+            array = entropy.array.astype(np.float32)
+            write_image(entropy.with_array(array), output_dir / UNCERTAINTY_FILE, overwrite=True)
+    else:
+        label = predictor.predict([image])
     labels = model_labels(predictor)
     image_path = write_image(image, output_dir / "image.nii.gz", overwrite=overwrite)
     label_path = write_image(label, output_dir / "label.nii.gz", overwrite=overwrite)

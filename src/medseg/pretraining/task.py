@@ -17,6 +17,7 @@ heads are new and ``pretrain_head.*`` is reported as unused.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,8 @@ from medseg.pretraining.methods import (
     random_mask,
 )
 from medseg.runtime import memory_format
-from medseg.serialization import write_json_atomic
-from medseg.training.engine import Engine, LoopConfig, TrainingTask, Validation
+from medseg.serialization import to_jsonable, write_json_atomic
+from medseg.training.engine import CHECKPOINT_LAST, Engine, LoopConfig, TrainingTask, Validation
 from medseg.training.sampling import PatchSampler, region_size
 from medseg.transforms.augment import AugmentConfig, BatchAugmenter
 
@@ -423,7 +424,6 @@ def pretrain(
     )
     model_dir = work / "model"
     fold_dir = model_dir / "fold_0"
-    write_json_atomic(the_plan, model_dir / "plan.json")
     record = {
         "images": str(images),
         "num_images": len(spec.cases),
@@ -431,6 +431,9 @@ def pretrain(
         "split_file": str(split_file) if split_file is not None else None,
         "config": config,
     }
+    if resume and (fold_dir / CHECKPOINT_LAST).is_file():
+        check_resumable(model_dir, the_plan, config)
+    write_json_atomic(the_plan, model_dir / "plan.json")
     write_json_atomic(record, model_dir / "pretraining.json")
     write_json_atomic({**record, "model": the_plan.network.name}, fold_dir / "train_config.json")
     task = PretrainTask(the_plan, folder, [c.case_id for c in spec.cases], config)
@@ -453,6 +456,28 @@ def pretrain(
     )
     write_json_atomic(result, fold_dir / "pretrain_result.json")
     return result
+
+
+def check_resumable(model_dir: Path, plan: Plan, config: PretrainConfig) -> None:
+    """A checkpoint is continued only with the method and plan it was made with."""
+    try:
+        before = json.loads((model_dir / "pretraining.json").read_text())
+        old_plan = json.loads((model_dir / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    method = before.get("config", {}).get("method")
+    if method != config.method:
+        raise MedsegError(
+            f"{model_dir}: pretrained with --method {method}; continue with it, or use "
+            "--no-resume or another work folder"
+        )
+    if old_plan.get("network") != to_jsonable(plan.network) or list(
+        old_plan.get("patch_size", [])
+    ) != list(plan.patch_size):
+        raise MedsegError(
+            f"{model_dir}: its checkpoint was made with another plan (use --no-resume or "
+            "another work folder)"
+        )
 
 
 def engine_first_loss(fold_dir: Path) -> float | None:

@@ -39,7 +39,12 @@ from medseg.inference import Predictor
 from medseg.io.files import read_image, write_image
 from medseg.model_folder import ModelFolder
 from medseg.pacs.client import connect, process_study
-from medseg.pacs.segment import label_volumes_ml, segment_dicom, segment_image
+from medseg.pacs.segment import (
+    UNCERTAINTY_FILE,
+    label_volumes_ml,
+    segment_dicom,
+    segment_image,
+)
 from medseg.registration.fields import centring_transform, warp_image
 from medseg.registration.pipeline import register_files
 from medseg.serve.guard import RateLimiter, RequestLog, client_key
@@ -63,6 +68,7 @@ class ResultKind(str, Enum):
     warped_labels = "warped_labels"  # registration: the moving labels on the fixed grid, NIfTI
     transform = "transform"  # registration: ITK transform, fixed -> moving (.tfm or .h5)
     jacobian = "jacobian"  # registration (bspline, demons): Jacobian determinant map, NIfTI
+    uncertainty = "uncertainty"  # entropy map (nats), NIfTI: the viewer's uncertainty overlay
 
 
 _RESULT_FILES = {
@@ -72,6 +78,7 @@ _RESULT_FILES = {
     ResultKind.warped: ("warped.nii.gz", "application/gzip"),
     ResultKind.warped_labels: ("warped_labels.nii.gz", "application/gzip"),
     ResultKind.jacobian: ("jacobian.nii.gz", "application/gzip"),
+    ResultKind.uncertainty: (UNCERTAINTY_FILE, "application/gzip"),
 }
 _TRANSFORM_FILES = (("transform.tfm", "text/plain"), ("transform.h5", "application/x-hdf5"))
 
@@ -366,9 +373,10 @@ def create_app(
             image = read_image(upload)
             if image.ndim != 3:
                 raise MedsegError(f"{job.source}: a 3D volume is needed, got {image.ndim}D")
-            label, labels, _, _ = segment_image(predictor, image, out)
+            label, labels, _, _ = segment_image(predictor, image, out, uncertainty=True)
             volumes, seg = label_volumes_ml(label, labels), None
         return {
+            "uncertainty": (out / UNCERTAINTY_FILE).exists(),
             "labels": {str(k): v for k, v in labels.items()},
             "volumes_ml": volumes,
             "seg": seg is not None,

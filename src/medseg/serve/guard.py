@@ -53,7 +53,7 @@ class RateLimiter:
     per_minute
         Sustained requests per minute and client.
     burst
-        Requests a client may make at once (default: a sixth of a minute's worth, at least 1).
+        Requests a client may make at once (default: a quarter of a minute's worth, at least 1).
     max_clients
         Buckets kept (least recently seen clients are forgotten first), so memory is bounded.
     """
@@ -62,7 +62,7 @@ class RateLimiter:
         if per_minute <= 0:
             raise MedsegError(f"rate limit must be positive, got {per_minute}")
         self.rate = per_minute / 60.0
-        self.burst = float(burst if burst is not None else max(1.0, per_minute / 6))
+        self.burst = float(burst if burst is not None else max(1.0, per_minute / 4))
         self.max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()

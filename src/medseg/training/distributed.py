@@ -206,11 +206,14 @@ def main_first(env: RankEnv | None) -> Iterator[None]:
         yield
         return
     with peer_failures(env):
+        # preprocessing a large data set may take hours: a barrier of its own, without the
+        # short timeout (a rank that dies still ends it at once: its sockets close)
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
         if not env.main:
-            dist.barrier()
+            dist.barrier(group=group)
         yield
         if env.main:
-            dist.barrier()
+            dist.barrier(group=group)
 
 
 def batch_share(global_batch: int, rank: int, world: int) -> slice:

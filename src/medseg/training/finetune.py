@@ -170,6 +170,8 @@ def check_train_config(config: TrainConfig, plan: Plan) -> None:
         raise MedsegError(
             f"class_weights has {len(config.class_weights)} values, the plan has {plan.num_classes} classes"
         )
+    if not 0.0 <= config.modality_dropout < 1.0:
+        raise MedsegError(f"--modality-dropout must be in [0, 1), got {config.modality_dropout}")
     if config.init_from is not None:
         find_init_weights(config.init_from)
     if config.labelled_fraction is not None and config.labelled_cases is not None:

@@ -111,6 +111,14 @@ async function showJob(id) {
     volumes.push({ url: `/jobs/${id}/result/label`, name: "label.nii.gz", headers: headers(),
       opacity: Number(document.getElementById("opacity").value) });
   }
+  // The entropy map (nats, 0 .. ln K) over the labels; near-zero entropy stays transparent.
+  const uncertain = !registration && Boolean(result.uncertainty);
+  if (uncertain) {
+    volumes.push({ url: `/jobs/${id}/result/uncertainty`, name: "uncertainty.nii.gz",
+      headers: headers(), colormap: "warm", cal_min: 0.02,
+      cal_max: Math.log(Math.max(2, Object.keys(result.labels || {}).length)),
+      opacity: Number(document.getElementById("uncertainty").value) });
+  }
   await nv.loadVolumes(volumes);
   if (!registration) {
     nv.volumes[1].setColormapLabel(labelColormap(result.labels || {}));
@@ -119,6 +127,7 @@ async function showJob(id) {
   document.getElementById("registration").hidden = !registration;
   document.getElementById("legend").hidden = Boolean(registration);
   document.getElementById("opacity").parentElement.hidden = Boolean(registration);  // blend instead
+  document.getElementById("uncertainty-row").hidden = !uncertain;
   if (registration) showRegistration(id, result);
   showLegend(result);
   statusEl.textContent = `job ${id.slice(0, 8)}: ${job.status}`;
@@ -182,6 +191,9 @@ document.getElementById("jobs").addEventListener("change", (e) => {
 document.getElementById("opacity").addEventListener("input", (e) => {
   if (nv.volumes.length > 1) nv.setOpacity(1, Number(e.target.value));
 });
+document.getElementById("uncertainty").addEventListener("input", (e) => {
+  if (nv.volumes.length > 2) nv.setOpacity(2, Number(e.target.value));
+});
 document.getElementById("blend").addEventListener("input", (e) => {
   if (nv.volumes.length > 1) nv.setOpacity(1, Number(e.target.value));
 });
@@ -197,6 +209,7 @@ for (const button of document.querySelectorAll("[data-view]")) {
 }
 if (params.get("opacity")) document.getElementById("opacity").value = params.get("opacity");
 if (params.get("blend")) document.getElementById("blend").value = params.get("blend");
+if (params.get("uncertainty")) document.getElementById("uncertainty").value = params.get("uncertainty");
 if (params.get("view")) document.querySelector(`[data-view="${params.get("view")}"]`)?.click();
 nv.setSliceType(nv.sliceTypeMultiplanar);
 if (params.get("job")) waitFor(params.get("job")).catch((e) => { statusEl.textContent = "error: " + e.message; });
