@@ -275,3 +275,35 @@ def test_sitk_itself_zero_fills_truncated_nifti(tmp_path: Path) -> None:
     except RuntimeError:
         return
     assert np.count_nonzero(array.ravel()[-10:]) == 0
+
+
+def test_nan_nifti_with_a_header_only_itk_accepts_gives_a_medseg_error(tmp_path: Path):
+    # Found by the atheris run of benchmarks/reliability.py: a damaged magic string makes ITK
+    # read the file as Analyze while nibabel refuses it, so its NaN voxels cannot be restored.
+    data = np.zeros((4, 5, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    path = tmp_path / "case.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[344:348] = b"xx1\0"
+    path.write_bytes(bytes(raw))
+    sitk.ReadImage(str(path))  # ITK alone would hand back zeros where the NaN is
+    with pytest.raises(MedsegError, match=r"case\.nii: cannot read image .*damaged"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("vox_offset", [float("nan"), -4.0e20])
+def test_a_damaged_vox_offset_gives_an_image_or_a_medseg_error(tmp_path: Path, vox_offset):
+    # Found by the atheris run: a NaN vox_offset crashed the NaN scan (int(nan)) and a huge
+    # negative one escaped as nibabel's HeaderDataError.
+    data = np.zeros((4, 5, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    path = tmp_path / "case.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[108:112] = np.float32(vox_offset).tobytes()
+    path.write_bytes(bytes(raw))
+    try:
+        read_image(path)
+    except MedsegError as exc:
+        assert "case.nii" in str(exc)

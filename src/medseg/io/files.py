@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -89,7 +90,10 @@ def _nifti_expected_size(header: bytes) -> int | None:
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
             dims = struct.unpack(endian + "8h", header[40:56])
             bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            if not math.isfinite(vox_offset):  # damaged: no size to check against
+                return None
+            offset = int(vox_offset)
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
             dims = struct.unpack(endian + "8q", header[16:80])
@@ -142,9 +146,22 @@ def nifti_truncation(path: str | os.PathLike) -> str | None:
 
 def _with_stored_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
     """``image`` with the NaN and infinite voxels that the NIfTI file stores (nibabel's read)."""
-    stored = np.asanyarray(nib.load(str(path)).dataobj)
     array = sitk.GetArrayFromImage(image)
-    stored = stored.T.reshape(array.shape)  # NIfTI (i, j, k[, c]) -> ITK's (..., k, j, i)
+    try:  # ITK tolerates headers nibabel refuses; then the stored values cannot be trusted
+        stored = np.asanyarray(nib.load(str(path)).dataobj)
+        stored = stored.T.reshape(array.shape)  # NIfTI (i, j, k[, c]) -> ITK's (..., k, j, i)
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise MedsegError(
+            f"{path}: cannot read image (stores NaN or infinite voxels, and its NIfTI "
+            f"header is damaged: {detail})"
+        ) from None
     bad = ~np.isfinite(stored)
     array[bad] = stored[bad]
     out = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)

@@ -161,7 +161,10 @@ def nifti_has_nonfinite(path: str | os.PathLike) -> bool:
     for endian in "<>":
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
             datatype = struct.unpack(endian + "h", head[70:72])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            if not math.isfinite(vox_offset):  # a damaged header; the reader refuses it
+                return False
+            offset = int(vox_offset)
             break
         if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
             datatype = struct.unpack(endian + "h", head[12:14])[0]
