@@ -80,7 +80,8 @@ def _case_summary(spec: DatasetSpec, index: int, seed: int) -> dict:
     }
 
 
-def _stats(values: np.ndarray) -> ChannelStats:
+def channel_stats(values: np.ndarray) -> ChannelStats:
+    """Mean, spread, percentiles and range of one channel's sampled intensities."""
     if values.size == 0:
         return ChannelStats(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     p = np.percentile(values, [0.5, 50, 99.5])
@@ -113,7 +114,8 @@ def compute_fingerprint(
     presence = np.mean([s["counts"] > 0 for s in summaries], axis=0)
     n_channels = spec.num_channels
     stats = tuple(
-        _stats(np.concatenate([s["samples"][c] for s in summaries])) for c in range(n_channels)
+        channel_stats(np.concatenate([s["samples"][c] for s in summaries]))
+        for c in range(n_channels)
     )
     original = np.array([np.prod(s["shape"]) for s in summaries], dtype=float)
     cropped = np.array([np.prod(s["cropped_shape"]) for s in summaries], dtype=float)

@@ -24,7 +24,7 @@ from medseg.imaging.atomic import atomic_path
 from medseg.io.dataset import CaseSpec, DatasetSpec, load_dataset, read_case_image
 from medseg.io.files import IMAGE_SUFFIXES, image_suffix, read_image_channels, strip_suffix
 from medseg.io.image import Image
-from medseg.planning.fingerprint import SAMPLES_PER_CASE, ChannelStats, Fingerprint
+from medseg.planning.fingerprint import SAMPLES_PER_CASE, Fingerprint, channel_stats
 from medseg.planning.plan import Plan, make_plan, read_plan
 from medseg.preprocessing.preprocess import (
     CaseGeometry,
@@ -162,19 +162,6 @@ def _summary(spec: DatasetSpec, index: int, seed: int) -> dict:
     }
 
 
-def _stats(values: np.ndarray) -> ChannelStats:
-    p = np.percentile(values, [0.5, 50, 99.5])
-    return ChannelStats(
-        mean=float(values.mean()),
-        std=float(values.std()),
-        median=float(p[1]),
-        p00_5=float(p[0]),
-        p99_5=float(p[2]),
-        minimum=float(values.min()),
-        maximum=float(values.max()),
-    )
-
-
 def unlabelled_fingerprint(
     spec: DatasetSpec, *, num_workers: int = 2, seed: int = 0, show_progress: bool = True
 ) -> Fingerprint:
@@ -216,7 +203,7 @@ def unlabelled_fingerprint(
             np.median([np.prod(s["cropped_shape"]) / np.prod(s["shape"]) for s in summaries])
         ),
         foreground_intensities=tuple(
-            _stats(np.concatenate([s["samples"][c] for s in summaries]))
+            channel_stats(np.concatenate([s["samples"][c] for s in summaries]))
             for c in range(spec.num_channels)
         ),
         class_voxel_fraction=(1.0,) + (0.0,) * (n - 1),
