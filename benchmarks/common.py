@@ -27,14 +27,19 @@ def machine() -> dict:
     except AttributeError:
         cores = os.cpu_count()
     cpu = platform.processor()
+    flags: list[str] = []
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+        flag_lines = [line.split(":", 1)[1].split() for line in lines if line.startswith("flags")]
+        # the vector and matrix extensions that decide kernel speed (and bf16 support)
+        flags = sorted(
+            f
+            for f in (flag_lines[0] if flag_lines else [])
+            if f.startswith(("avx", "amx", "fma")) or "bf16" in f
+        )
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
@@ -45,6 +50,7 @@ def machine() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": cores,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": os.getloadavg(),

@@ -28,9 +28,14 @@ PRESETS = {
     "hippocampus": {
         "dataset": "Task04_Hippocampus",
         "budget": 30.0,
-        "goal": {"mean": 0.89, "Anterior": 0.895, "Posterior": 0.88},
+        # issue 24: nnU-Net's full-training level (its 5-fold CV: 0.8975 / 0.8807)
+        "goal": {"mean": 0.90, "Anterior": 0.905, "Posterior": 0.89},
     },
-    "hc18": {"dataset": "HC18_fetal_head_US", "budget": 20.0, "goal": {"mean": 0.97}},
+    "hc18": {
+        "dataset": "HC18_fetal_head_US",
+        "budget": 20.0,
+        "goal": {"mean": 0.97, "min_case": 0.90},  # issue 24: no case below 0.90
+    },
 }
 
 
@@ -103,6 +108,8 @@ def main() -> None:
         "mean": mean_dice >= goal["mean"],
         **{k: per_class[k]["mean"] >= v for k, v in goal.items() if k in per_class},
     }
+    if "min_case" in goal:
+        met["min_case"] = min(c["min"] for c in per_class.values()) >= goal["min_case"]
     data = {
         "benchmark": args.name,
         "dataset": str(dataset),
@@ -122,6 +129,7 @@ def main() -> None:
             "fill_holes": args.fill_holes,
         },
         "train": asdict(result),
+        "precision_choice": json.loads((Path(result.fold_dir) / "precision.json").read_text()),
         "data_prep_share_of_step": round(result.data_prep_seconds_per_batch / step_seconds, 4)
         if step_seconds
         else None,

@@ -7,13 +7,20 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from medseg import api
+from medseg.errors import MedsegError
+from medseg.evaluation.biometry import pixel_sizes_for
+from medseg.inference.batch import collect_inputs, group_inputs
 from medseg.losses import CLASS_WEIGHTINGS, registered_losses
 from medseg.models import registered_models
+from medseg.runtime import PRECISIONS
 from medseg.serialization import to_jsonable
 from medseg.training import TrainConfig
 from medseg.training.config import OPTIMIZERS
+from medseg.training.precision import COMPILE_SETTINGS
 from medseg.training.sampling import CLASS_SAMPLING
 from medseg.transforms import AugmentConfig
 
@@ -172,6 +179,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="multi-channel data: zero each channel of a training sample with probability P "
         "(never all), so that `medseg predict --missing` works",
     )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="CPU training: auto (default) uses bfloat16 autocast where the CPU has native "
+        "bf16 and a timing probe of the first batch finds it faster; fp32; bf16",
+    )
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_SETTINGS,
+        help="torch.compile the training step: auto (default) for runs of 10 minutes or more, "
+        "kept only if its first steps are faster",
+    )
     g.add_argument("--no-augmentation", action="store_true")
     g.add_argument(
         "--no-resume",
@@ -204,6 +223,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         "class_sampling": getattr(args, "class_sampling", None),
         "encoder_weights": getattr(args, "encoder_weights", None),
         "modality_dropout": getattr(args, "modality_dropout", None),
+        "precision": getattr(args, "precision", None),
+        "compile": getattr(args, "compile", None),
     }
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if args.no_augmentation:
@@ -225,3 +246,45 @@ def with_default_budget(config: TrainConfig, args: argparse.Namespace) -> TrainC
         )
         return replace(config, time_budget_minutes=DEFAULT_BUDGET_MINUTES)
     return config
+
+
+def check_measure_inputs(args: argparse.Namespace) -> None:
+    """``predict --measure``: refuse before predicting when an input has no pixel size."""
+    if not getattr(args, "measure", False):
+        for option in ("head", "pixel_size", "pixel_size_csv", "reference"):
+            if getattr(args, option, None):
+                raise MedsegError(f"--{option.replace('_', '-')} needs --measure")
+        return
+    if getattr(args, "uncertainty", False) or getattr(args, "probabilities", None):
+        raise MedsegError(
+            "--measure measures label maps only: predict without --uncertainty/--probabilities, "
+            "or run medseg measure on the label maps"
+        )
+    cases = group_inputs(collect_inputs(args.input), 1)
+    if cases:
+        files = {case_id: paths[0] for case_id, paths in cases.items()}
+        pixel_sizes_for(
+            files,
+            pixel_size=args.pixel_size,
+            pixel_size_csv=args.pixel_size_csv,
+            reference_csv=args.reference,
+        )
+
+
+def measure_predictions(args: argparse.Namespace, show_progress: bool) -> None:
+    """``predict --measure``: measure OUTPUT's label maps into OUTPUT/measurements."""
+    if not getattr(args, "measure", False):
+        return
+    out = Path(args.output) / "measurements"
+    report = api.measure(
+        args.output,
+        out,
+        head=args.head,
+        pixel_size=args.pixel_size,
+        pixel_size_csv=args.pixel_size_csv,
+        reference=args.reference,
+        images_dir=args.input if Path(args.input).is_dir() else None,
+        overwrite=args.overwrite,
+        show_progress=show_progress,
+    )
+    print(f"{report.summary['n_cases']} case(s) measured into {out}", file=sys.stderr)

@@ -7,7 +7,13 @@ import argparse
 import sys
 
 from medseg import api
-from medseg.cli.common import parse_folds, print_json, trained_folds
+from medseg.cli.common import (
+    check_measure_inputs,
+    measure_predictions,
+    parse_folds,
+    print_json,
+    trained_folds,
+)
 from medseg.export import FORMATS, INT8_MODES
 from medseg.inference.predictor import BACKENDS
 from medseg.io.sanity import NAN_POLICIES
@@ -146,6 +152,7 @@ def run_postprocess(args: argparse.Namespace, settings: Settings, show_progress:
 
 
 def run_predict(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:
+    check_measure_inputs(args)  # no pixel size for a PNG: refused before any prediction
     results = api.predict(
         args.model,
         args.input,
@@ -174,4 +181,5 @@ def run_predict(args: argparse.Namespace, settings: Settings, show_progress: boo
         calibrated=not getattr(args, "no_calibration", False),
     )
     print(f"{len(results)} case(s) predicted into {args.output}", file=sys.stderr)
+    measure_predictions(args, show_progress)
     return 0

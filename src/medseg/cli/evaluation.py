@@ -113,6 +113,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run_measure)
 
+    predict = sub.choices.get("predict")
+    if predict is not None:
+        g = predict.add_argument_group("measurement (medseg measure on the predictions)")
+        g.add_argument(
+            "--measure",
+            action="store_true",
+            help="also measure the predictions (volumes in mL or areas in mm^2; with --head "
+            "the fetal head's HC, BPD, OFD) into OUTPUT/measurements",
+        )
+        g.add_argument("--head", action="store_true", help="with --measure: fit the head ellipse")
+        sizes = g.add_mutually_exclusive_group()
+        sizes.add_argument(
+            "--pixel-size",
+            type=float,
+            metavar="MM",
+            help="with --measure: pixel size of every 2D image (a PNG has none)",
+        )
+        sizes.add_argument(
+            "--pixel-size-csv",
+            metavar="CSV",
+            help="with --measure: pixel size per file (HC18's CSV or filename,pixel_size_mm)",
+        )
+        g.add_argument(
+            "--reference",
+            metavar="CSV",
+            help="with --measure: reference HC per file (errors and Bland-Altman)",
+        )
+
 
 def _metric_options(args: argparse.Namespace) -> dict:
     return {

@@ -641,6 +641,46 @@ def _pixel_size_for(
     return None, "header"
 
 
+def pixel_sizes_for(
+    files: Mapping[str, Path],
+    *,
+    pixel_size: float | None = None,
+    pixel_size_csv: str | os.PathLike | None = None,
+    reference_csv: str | os.PathLike | None = None,
+) -> dict[str, tuple[float | None, str]]:
+    """The pixel size (mm) of every case and where it comes from, checked before any work.
+
+    ``pixel_size`` applies to every case; else a row of ``pixel_size_csv`` (or of
+    ``reference_csv`` when it has pixel sizes) names it; else the file's own header,
+    ``(None, "header")``. A format without a pixel size (PNG...) and no explicit value is
+    refused with a one-line :class:`MedsegError` naming the file: no millimetres without it.
+    """
+    if pixel_size is not None and pixel_size_csv is not None:
+        raise MedsegError("give either --pixel-size or --pixel-size-csv, not both")
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise MedsegError(f"--pixel-size must be a positive number of mm, got {pixel_size}")
+    table, table_path = None, None
+    if pixel_size_csv is not None:
+        table, table_path = read_pixel_sizes(pixel_size_csv), str(pixel_size_csv)
+    elif pixel_size is None and reference_csv is not None:
+        try:
+            table, table_path = read_pixel_sizes(reference_csv), str(reference_csv)
+        except MedsegError:  # a reference CSV without pixel sizes: the files must have them
+            table = None
+    table_index = _CaseIndex(table) if table is not None else None
+    return {
+        case_id: _pixel_size_for(
+            case_id,
+            path,
+            pixel_size=pixel_size,
+            table=table,
+            table_index=table_index,
+            table_path=table_path,
+        )
+        for case_id, path in files.items()
+    }
+
+
 def _format_csv_value(value: Any) -> str:
     if value is None:
         return ""
@@ -756,10 +796,6 @@ def measure_folder(
         with ``head`` or with a pixel size, an unreadable file or CSV, an image whose shape
         differs from its mask, or an existing output without ``overwrite``.
     """
-    if pixel_size is not None and pixel_size_csv is not None:
-        raise MedsegError("give either --pixel-size or --pixel-size-csv, not both")
-    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
-        raise MedsegError(f"--pixel-size must be a positive number of mm, got {pixel_size}")
     head = head or reference_csv is not None
     files = list_segmentations(segmentations)
     outputs = []
@@ -769,26 +805,9 @@ def measure_folder(
         _refuse_existing(outputs, overwrite)
 
     reference = read_reference_hc(reference_csv) if reference_csv is not None else None
-    table, table_path = None, None
-    if pixel_size_csv is not None:
-        table, table_path = read_pixel_sizes(pixel_size_csv), str(pixel_size_csv)
-    elif pixel_size is None and reference_csv is not None:
-        try:
-            table, table_path = read_pixel_sizes(reference_csv), str(reference_csv)
-        except MedsegError:  # a reference CSV without pixel sizes: the files must have them
-            table = None
-    table_index = _CaseIndex(table) if table is not None else None
-    explicit = {  # checked for every case before any file is read
-        case_id: _pixel_size_for(
-            case_id,
-            path,
-            pixel_size=pixel_size,
-            table=table,
-            table_index=table_index,
-            table_path=table_path,
-        )
-        for case_id, path in files.items()
-    }
+    explicit = pixel_sizes_for(
+        files, pixel_size=pixel_size, pixel_size_csv=pixel_size_csv, reference_csv=reference_csv
+    )
     images = _match_images(images_dir, files) if images_dir is not None else {}
 
     cases: list[CaseBiometry] = []
@@ -863,7 +882,9 @@ def measure_folder(
         "segmentations": str(segmentations),
         "head": head,
         "pixel_size_mm": pixel_size,
-        "pixel_size_csv": table_path,
+        "pixel_size_csv": next(
+            (src for _, src in explicit.values() if src not in ("header", "--pixel-size")), None
+        ),
         "reference_csv": None if reference_csv is None else str(reference_csv),
         "images": None if images_dir is None else str(images_dir),
     }

@@ -83,6 +83,12 @@ class TrainConfig:
     modality_dropout: float = 0.0
     mirror_validation: bool = False
     amp: bool = True  # CUDA only
+    # CPU: "auto" trains under bfloat16 autocast only where the CPU has native bf16 and a
+    # probe of the first batch finds it faster (medseg.training.precision); "fp32", "bf16".
+    precision: str = "auto"
+    # "auto" torch.compiles the training step of runs of 10 minutes or more (where a C++
+    # compiler is present) and keeps it only if its first steps are faster; "on", "off".
+    compile: str = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     num_threads: int | None = None  # None: the cores this process may use
 

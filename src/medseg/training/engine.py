@@ -39,6 +39,7 @@ import math
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,7 +56,9 @@ from medseg.imaging import atomic_path
 from medseg.model_folder import write_weights
 from medseg.progress import progress
 from medseg.runtime import choose_device, configure_threads
+from medseg.serialization import write_json_atomic
 from medseg.training.logs import TrainingLog
+from medseg.training.precision import choose_speed
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_FORMAT = 1
@@ -90,8 +93,15 @@ class LoopConfig:
     grad_clip
         Maximum gradient norm of the network's parameters (``None``: no clipping).
     amp
-        Mixed precision (float16 autocast and a gradient scaler) on CUDA; the CPU always
-        trains in float32.
+        Mixed precision (float16 autocast and a gradient scaler) on CUDA.
+    precision
+        On CPU: ``"fp32"``, ``"bf16"`` (bfloat16 autocast) or ``"auto"`` (bfloat16 only
+        where the CPU has native bfloat16 and a timing probe of the first batch finds it
+        faster; see :mod:`medseg.training.precision`).
+    compile
+        ``"off"``, ``"on"`` or ``"auto"`` (runs of 10 minutes or more, where a C++ compiler
+        is present): the probe also times the ``torch.compile``-d training step and keeps
+        it only if it is faster (a network that fails to compile trains eagerly).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
     num_threads
@@ -114,6 +124,8 @@ class LoopConfig:
     warmup_fraction: float = 0.05
     grad_clip: float | None = 12.0
     amp: bool = True
+    precision: str = "fp32"
+    compile: str = "off"
     device: str = "auto"
     num_threads: int | None = None
     seed: int = 0
@@ -158,6 +170,7 @@ class LoopResult:
     data_prep_seconds_per_batch: float  # time to make one batch (sample, augment)
     stopped_because: str
     model: nn.Module = field(repr=False, compare=False)  # the trained network
+    precision: str = "fp32"  # what the steps computed in ("bf16": CPU bfloat16 autocast)
 
 
 class TrainingTask:
@@ -370,6 +383,7 @@ class _Prefetcher:
         self.make_batch, self.queue = make_batch, queue.Queue(maxsize=depth)
         self.stop, self.prep_seconds, self.count = threading.Event(), 0.0, 0
         self.error: BaseException | None = None
+        self.pending: list[Any] = []  # batches to hand out before new ones (the probe's)
         self.background = background
         self.thread = threading.Thread(target=self._run, daemon=True)
         if background:
@@ -392,6 +406,8 @@ class _Prefetcher:
             self.error = exc
 
     def get(self) -> Any:
+        if self.pending:
+            return self.pending.pop(0)
         if not self.background:
             t = time.perf_counter()
             batch = self.make_batch()
@@ -446,6 +462,7 @@ class Engine:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     use_amp: bool
+    precision: str = "fp32"  # resolved at the start of fit(): "fp32", "bf16" or CUDA's
 
     def __init__(
         self,
@@ -557,11 +574,76 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
 
+    def _autocast(self, *, bf16: bool | None = None) -> torch.autocast:
+        """CUDA: float16 AMP when ``use_amp``; CPU: bfloat16 when the run chose it."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", enabled=self.use_amp)
+        bf16 = self.precision == "bf16" if bf16 is None else bf16
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def _choose_speed(self, prefetcher: _Prefetcher, expected_seconds: float | None) -> None:
+        """Resolve ``config.precision`` and ``config.compile`` for this run.
+
+        The probe times passes on the first batch, which training then uses as its first:
+        the random streams and the weights stay those of a run without a probe.
+        """
+        cfg = self.config
+        probe_batch: list[Any] = []
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rng = torch.get_rng_state()
+        compiled_model: list[nn.Module] = []
+
+        def probe_step(compiled: bool, bf16: bool) -> None:
+            if not probe_batch:
+                probe_batch.append(prefetcher.get())
+            if compiled and not compiled_model:
+                compiled_model.append(torch.compile(self.model))
+            model = compiled_model[0] if compiled else self.model
+            batch = self.task.to_device(probe_batch[0], self.device)
+            self.model.train()  # unwrapped: a data-parallel probe must not all-reduce
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast(bf16=bf16):
+                _, loss = self.task.forward_loss(model, batch)
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        choice = choose_speed(
+            cfg.precision,
+            compile_setting=cfg.compile,
+            device=self.device,
+            amp=cfg.amp,
+            expected_run_seconds=expected_seconds,
+            step=probe_step,
+            can_compile=self.train_model is self.model,
+        )
+        if probe_batch:  # undo what the passes changed (norm statistics, RNG)
+            self.model.load_state_dict(model_state)
+            torch.set_rng_state(rng)
+            prefetcher.pending.extend(probe_batch)
+        # every rank of a data-parallel run computes alike: bf16 only if all chose it
+        use_bf16 = choice.precision == "bf16"
+        if self._agree({"fp32": float(not use_bf16)})["fp32"]:
+            use_bf16 = False
+        cpu_mode = "bf16" if use_bf16 else "fp32"
+        self.precision = cpu_mode if self.device.type == "cpu" else choice.precision
+        if choice.compiled:
+            self.train_model = compiled_model[0]
+        if self.main_process:
+            record = {**choice.to_json(), "precision": self.precision}
+            write_json_atomic(record, self.folder / "precision.json")
+            if choice.step_seconds:
+                print(
+                    f"medseg: training in {self.precision}"
+                    f"{', compiled' if choice.compiled else ''} ({choice.reason}"
+                    f"{'' if choice.reason.startswith('probe') else '; ' + choice.compile_reason})",
+                    file=sys.stderr,
+                )
+
     def _step(self, batch: Any) -> float:
         """Forward, loss (through the hooks), backward and the optimizer step."""
         optimizer, scaler = self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
+        with self._autocast():
             outputs, loss = self.task.forward_loss(self.train_model, batch)
             for hook in self.hooks:
                 loss = hook.loss(outputs, batch, loss)
@@ -627,7 +709,14 @@ class Engine:
             return cfg.max_steps is not None and self.iteration >= cfg.max_steps
 
         prefetcher = _Prefetcher(task.make_batch, background=self.device.type == "cuda")
+        steps_left = total_iterations - self.iteration
+        if cfg.max_steps is not None:
+            steps_left = min(steps_left, cfg.max_steps - self.iteration)
+        expected = 0.05 * max(steps_left, 0)  # ~0.05 s is a small CPU step: a rough floor
+        if budget is not None:
+            expected = min(expected, budget - elapsed_before)
         try:
+            self._choose_speed(prefetcher, expected)
             with stop_on_signal(self._stop):
                 while self.epoch < cfg.max_epochs:
                     task.start_epoch(self.epoch, self.model)
@@ -797,4 +886,5 @@ class Engine:
             data_prep_seconds_per_batch=prefetcher.prep_seconds / max(prefetcher.count, 1),
             stopped_because=stopped_because,
             model=self.model,
+            precision=self.precision,
         )

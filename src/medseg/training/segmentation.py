@@ -48,6 +48,8 @@ def loop_config(config: TrainConfig) -> LoopConfig:
         warmup_fraction=config.warmup_fraction,
         grad_clip=12.0,
         amp=config.amp,
+        precision=config.precision,
+        compile=config.compile,
         device=config.device,
         num_threads=config.num_threads,
         seed=fold_seed(config),

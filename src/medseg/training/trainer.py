@@ -33,6 +33,7 @@ class TrainResult:
     data_wait_share: float  # share of step time the network waited for a batch
     data_prep_seconds_per_batch: float  # CPU time to sample and augment one batch
     stopped_because: str
+    precision: str = "fp32"  # what the steps computed in (CPU "bf16": bfloat16 autocast)
 
 
 class EpochCallback(Hook):
@@ -133,6 +134,7 @@ def train_fold(
         data_wait_share=round(loop.data_wait_share, 4),
         data_prep_seconds_per_batch=round(loop.data_prep_seconds_per_batch, 4),
         stopped_because=loop.stopped_because,
+        precision=loop.precision,
     )
     if engine.main_process:  # rank 0 of a data-parallel run writes; the others only return
         write_json_atomic(result, fold_dir / "train_result.json")
