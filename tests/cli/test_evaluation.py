@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
+from helpers.cli import run_cli
 from helpers.distillation import FAST
 
 from medseg import api
 from medseg.evaluation.biometry import measure_head, with_pixel_size
 from medseg.io import read_image
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "medseg.cli.main", "--quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from helpers.cli import run_cli
 
 from medseg.cli.main import main
 from medseg.io import Image, write_image
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "medseg.cli.main", "--quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -39,37 +39,29 @@ def test_without_native_bf16_auto_never_chooses_bf16():
     assert "no native" in choice.reason
 
 
-def test_native_bf16_is_chosen_only_when_the_probe_finds_it_faster():
-    calls: list = []
-    faster = choose_speed(
+def probed_on_native_bf16(step, compile_setting: str = "off"):
+    """``auto`` on a CPU with native bf16, an hour-long run, timed by ``step``."""
+    return choose_speed(
         "auto",
+        compile_setting=compile_setting,
         device=CPU,
         amp=True,
         expected_run_seconds=3600,
-        step=timed_step(0.03, 0.01, calls),
+        step=step,
         native=True,
     )
+
+
+def test_native_bf16_is_chosen_only_when_the_probe_finds_it_faster():
+    calls: list = []
+    faster = probed_on_native_bf16(timed_step(0.03, 0.01, calls))
     assert faster.precision == "bf16" and not faster.compiled
     assert faster.step_seconds["eager bf16"] < faster.step_seconds["eager fp32"]
     assert calls.count((False, True)) == calls.count((False, False)) >= 2  # both timed
-    slower = choose_speed(
-        "auto",
-        device=CPU,
-        amp=True,
-        expected_run_seconds=3600,
-        step=timed_step(0.01, 0.03, []),
-        native=True,
-    )
+    slower = probed_on_native_bf16(timed_step(0.01, 0.03, []))
     assert slower.precision == "fp32"
     # a near tie (within the margin) keeps float32
-    tie = choose_speed(
-        "auto",
-        device=CPU,
-        amp=True,
-        expected_run_seconds=3600,
-        step=timed_step(0.02, 0.0195, []),
-        native=True,
-    )
+    tie = probed_on_native_bf16(timed_step(0.02, 0.0195, []))
     assert tie.precision == "fp32"
 
 
@@ -227,15 +219,7 @@ def test_a_faster_compiled_step_trains_the_run(tmp_path, monkeypatch):
 
 def test_probe_picks_compiled_bf16_only_when_it_wins_by_the_margins():
     # compiled halves both steps, bf16 is 30 % faster: compiled bf16 wins
-    choice = choose_speed(
-        "auto",
-        compile_setting="on",
-        device=CPU,
-        amp=True,
-        expected_run_seconds=3600,
-        step=timed_step(0.02, 0.014, [], compiled_factor=0.5),
-        native=True,
-    )
+    choice = probed_on_native_bf16(timed_step(0.02, 0.014, [], compiled_factor=0.5), "on")
     assert (choice.precision, choice.compiled) == ("bf16", True)
     assert len(choice.step_seconds) == 4
 

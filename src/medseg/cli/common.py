@@ -248,6 +248,14 @@ def with_default_budget(config: TrainConfig, args: argparse.Namespace) -> TrainC
     return config
 
 
+def predict_option_group(
+    sub: argparse._SubParsersAction, title: str
+) -> argparse._ArgumentGroup | None:
+    """A new option group of ``medseg predict`` (None when that command is not registered)."""
+    predict = sub.choices.get("predict")
+    return None if predict is None else predict.add_argument_group(title)
+
+
 def check_measure_inputs(args: argparse.Namespace) -> None:
     """``predict --measure``: refuse before predicting when an input has no pixel size."""
     if not getattr(args, "measure", False):

@@ -11,6 +11,7 @@ from medseg.cli.common import (
     check_measure_inputs,
     measure_predictions,
     parse_folds,
+    predict_option_group,
     print_json,
     trained_folds,
 )
@@ -76,9 +77,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=run_postprocess)
 
-    predict = sub.choices.get("predict")
-    if predict is not None:
-        g = predict.add_argument_group("fast inference")
+    g = predict_option_group(sub, "fast inference")
+    if g is not None:
         g.add_argument(
             "--backend",
             choices=BACKENDS,
@@ -113,7 +113,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             help="NaN or infinite input voxels: refuse the case (default) or set them to 0 "
             "with a warning naming the file and the voxel count",
         )
-        predict.set_defaults(handler=run_predict)
+        sub.choices["predict"].set_defaults(handler=run_predict)
 
 
 def run_export(args: argparse.Namespace, settings: Settings, show_progress: bool) -> int:

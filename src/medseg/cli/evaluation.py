@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from medseg import api
-from medseg.cli.common import print_json
+from medseg.cli.common import predict_option_group, print_json
 from medseg.evaluation.evaluate import labels_from_dataset_json
 from medseg.evaluation.metrics import EMPTY_POLICIES
 from medseg.settings import Settings
@@ -85,12 +85,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="folder for measurements.csv, summary.json, report.html",
     )
+    add_measure_options(p)
+    p.add_argument("--head-label", type=int, help="the head's label (default: any non-zero)")
+    p.add_argument("--images", help="folder of the images, for the report's overlays")
+    p.add_argument("--labels", help="label names from a dataset.json (file or folder)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_measure)
+
+    g = predict_option_group(sub, "measurement (medseg measure on the predictions)")
+    if g is not None:
+        g.add_argument(
+            "--measure",
+            action="store_true",
+            help="also measure the predictions (volumes in mL or areas in mm^2; with --head "
+            "the fetal head's HC, BPD, OFD) into OUTPUT/measurements",
+        )
+        add_measure_options(g)
+
+
+def add_measure_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The head and pixel-size options of ``medseg measure`` (and ``predict --measure``)."""
     p.add_argument(
         "--head",
         action="store_true",
         help="fit an ellipse to the head outline (2D): HC (Ramanujan), BPD, OFD in mm",
     )
-    p.add_argument("--head-label", type=int, help="the head's label (default: any non-zero)")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--pixel-size",
@@ -108,38 +127,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="CSV",
         help="reference HC per file (HC18 pixel_size_and_HC.csv): errors and Bland-Altman; implies --head",
     )
-    p.add_argument("--images", help="folder of the images, for the report's overlays")
-    p.add_argument("--labels", help="label names from a dataset.json (file or folder)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(handler=run_measure)
-
-    predict = sub.choices.get("predict")
-    if predict is not None:
-        g = predict.add_argument_group("measurement (medseg measure on the predictions)")
-        g.add_argument(
-            "--measure",
-            action="store_true",
-            help="also measure the predictions (volumes in mL or areas in mm^2; with --head "
-            "the fetal head's HC, BPD, OFD) into OUTPUT/measurements",
-        )
-        g.add_argument("--head", action="store_true", help="with --measure: fit the head ellipse")
-        sizes = g.add_mutually_exclusive_group()
-        sizes.add_argument(
-            "--pixel-size",
-            type=float,
-            metavar="MM",
-            help="with --measure: pixel size of every 2D image (a PNG has none)",
-        )
-        sizes.add_argument(
-            "--pixel-size-csv",
-            metavar="CSV",
-            help="with --measure: pixel size per file (HC18's CSV or filename,pixel_size_mm)",
-        )
-        g.add_argument(
-            "--reference",
-            metavar="CSV",
-            help="with --measure: reference HC per file (errors and Bland-Altman)",
-        )
 
 
 def _metric_options(args: argparse.Namespace) -> dict:

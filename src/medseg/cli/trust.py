@@ -8,7 +8,7 @@ import sys
 
 from medseg import api
 from medseg.calibration import MODES
-from medseg.cli.common import parse_folds, print_json, trained_folds
+from medseg.cli.common import parse_folds, predict_option_group, print_json, trained_folds
 from medseg.explain import METHODS
 from medseg.inference.uncertainty import PROBABILITY_FORMATS
 from medseg.settings import Settings
@@ -84,9 +84,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
     p.set_defaults(handler=run_explain)
 
-    predict = sub.choices.get("predict")
-    if predict is not None:
-        g = predict.add_argument_group("trust (calibration, uncertainty, quality control)")
+    g = predict_option_group(sub, "trust (calibration, uncertainty, quality control)")
+    if g is not None:
         g.add_argument(
             "--probabilities",
             nargs="?",

@@ -589,12 +589,13 @@ class Engine:
         """
         cfg = self.config
         probe_batch: list[Any] = []
-        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        rng = torch.get_rng_state()
+        saved: dict[str, Any] = {}  # what the probe's passes change, kept only if it runs
         compiled_model: list[nn.Module] = []
 
         def probe_step(compiled: bool, bf16: bool) -> None:
             if not probe_batch:
+                saved["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                saved["rng"] = torch.get_rng_state()
                 probe_batch.append(prefetcher.get())
             if compiled and not compiled_model:
                 compiled_model.append(torch.compile(self.model))
@@ -617,8 +618,8 @@ class Engine:
             can_compile=self.train_model is self.model,
         )
         if probe_batch:  # undo what the passes changed (norm statistics, RNG)
-            self.model.load_state_dict(model_state)
-            torch.set_rng_state(rng)
+            self.model.load_state_dict(saved["model"])
+            torch.set_rng_state(saved["rng"])
             prefetcher.pending.extend(probe_batch)
         # every rank of a data-parallel run computes alike: bf16 only if all chose it
         use_bf16 = choice.precision == "bf16"
